@@ -1,0 +1,339 @@
+"""One typed, frozen settings object, loaded from ``OUTBOX_*`` environment variables.
+
+Every field maps to ``OUTBOX_<FIELD NAME IN UPPER CASE>``. Values are checked when they are
+loaded, so a bad value stops a process at start with one line that names the variable, the
+value and what is expected, instead of failing later inside a task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from outbox_tasks.errors import ConfigurationError
+
+ENV_PREFIX = "OUTBOX_"
+SLOT_COUNT = 1024  # fixed slot range (DESIGN 4.2); partitions are contiguous slot ranges
+
+CLEANUP_MODES = ("delete", "retain", "archive")
+DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
+BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
+
+
+class _Invalid(ValueError):
+    """Raised by a parser; turned into a ConfigurationError naming the variable."""
+
+
+def _int(low: int, high: int | None = None) -> Callable[[str], int]:
+    expected = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
+
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip())
+        except ValueError:
+            raise _Invalid(expected) from None
+        if value < low or (high is not None and value > high):
+            raise _Invalid(expected)
+        return value
+
+    parse.expected = expected  # type: ignore[attr-defined]
+    return parse
+
+
+def _seconds(*, allow_zero: bool = False) -> Callable[[str], float]:
+    expected = "a number of seconds >= 0" if allow_zero else "a number of seconds > 0"
+
+    def parse(raw: str) -> float:
+        try:
+            value = float(raw.strip())
+        except ValueError:
+            raise _Invalid(expected) from None
+        if value != value or value in (float("inf"), float("-inf")):
+            raise _Invalid(expected)
+        if value < 0 or (value == 0 and not allow_zero):
+            raise _Invalid(expected)
+        return value
+
+    parse.expected = expected  # type: ignore[attr-defined]
+    return parse
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise _Invalid("one of true/false, yes/no, on/off, 1/0")
+
+
+def _choice(*choices: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in choices:
+            raise _Invalid("one of " + ", ".join(choices))
+        return value
+
+    return parse
+
+
+def _url(*schemes: str) -> Callable[[str], str]:
+    expected = "a URL starting with " + " or ".join(f"{s}://" for s in schemes)
+
+    def parse(raw: str) -> str:
+        value = raw.strip()
+        try:
+            parts = urlsplit(value)
+            parts.port  # noqa: B018 - raises ValueError on a malformed port
+        except ValueError:
+            raise _Invalid(expected) from None
+        if parts.scheme not in schemes or not (parts.hostname or parts.path.strip("/")):
+            raise _Invalid(expected)
+        return value
+
+    return parse
+
+
+def _optional_url(*schemes: str) -> Callable[[str], str | None]:
+    inner = _url(*schemes)
+
+    def parse(raw: str) -> str | None:
+        return inner(raw) if raw.strip() else None
+
+    return parse
+
+
+_NAME = re.compile(r"^[A-Za-z0-9_.:-]+$")
+
+
+def _name(raw: str) -> str:
+    value = raw.strip()
+    if not _NAME.match(value):
+        raise _Invalid("a non-empty name of letters, digits, '.', '_', ':' or '-'")
+    return value
+
+
+def _string(raw: str) -> str:
+    return raw.strip()
+
+
+def _event_type_policies(raw: str) -> dict[str, str]:
+    """``OrderViewed=skip,PriceChanged=skip``: event types whose dead letters do not park."""
+    result: dict[str, str] = {}
+    expected = "a comma-separated list of EventType=park|skip"
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        name, sep, policy = item.partition("=")
+        if not sep or not name.strip() or policy.strip() not in ("park", "skip"):
+            raise _Invalid(expected)
+        result[name.strip()] = policy.strip()
+    return result
+
+
+def _setting(default: Any, parse: Callable[[str], Any], doc: str) -> Any:
+    metadata = {"parse": parse, "doc": doc}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything an outbox_tasks process can be told. Build it with :meth:`from_env`."""
+
+    database_url: str = _setting(
+        "postgresql://postgres@127.0.0.1:5432/outbox",
+        _url(*DATABASE_SCHEMES),
+        "PostgreSQL holding the outbox table (the source of truth for every lease and state).",
+    )
+    broker_url: str = _setting(
+        "redis://127.0.0.1:6379/0",
+        _url(*BROKER_SCHEMES),
+        "Celery's broker: where claim, publish and maintenance tasks are queued.",
+    )
+    publish_url: str | None = _setting(
+        None,
+        _optional_url(*BROKER_SCHEMES),
+        "Where events are published (Redis or RabbitMQ). Empty: the broker URL.",
+    )
+    exchange: str = _setting(
+        "outbox.events", _name, "Topic exchange events are published to; routing key "
+        "`<aggregate_type>.<event_type>`."
+    )
+    dead_letter_exchange: str = _setting(
+        "outbox.dead", _name, "Topic exchange dead-lettered copies are published to."
+    )
+    partitions: int = _setting(
+        8,
+        _int(1, SLOT_COUNT),
+        "Number of partitions (one live lease each). More partitions, more parallel publishers.",
+    )
+    batch_size: int = _setting(500, _int(1, 10_000), "Rows per publish batch.")
+    poll_interval_seconds: float = _setting(
+        1.0, _seconds(), "Beat tick for claims: the latency bound when the wake-up path is off."
+    )
+    lease_seconds: float = _setting(
+        30.0,
+        _seconds(),
+        "How long a partition lease lives without renewal; a killed worker's rows are re-sent "
+        "after it.",
+    )
+    publish_task_seconds: float = _setting(
+        5.0,
+        _seconds(),
+        "How long one publish task drains its partition before handing over (fairness).",
+    )
+    max_retries: int = _setting(
+        5, _int(0, 1000), "Message-specific failures before a message is dead-lettered."
+    )
+    backoff_base_seconds: float = _setting(
+        1.0, _seconds(), "First retry delay; doubles on every failure (with jitter)."
+    )
+    backoff_max_seconds: float = _setting(300.0, _seconds(), "Cap on the retry delay.")
+    broker_timeout_seconds: float = _setting(
+        10.0, _seconds(), "Connect and confirm timeout when publishing to the broker."
+    )
+    circuit_max_seconds: float = _setting(
+        30.0, _seconds(), "Longest pause between attempts while the broker is down."
+    )
+    wakeup_enabled: bool = _setting(
+        True, _bool, "Listen for NOTIFY from the outbox trigger and claim at once (low latency)."
+    )
+    wakeup_debounce_seconds: float = _setting(
+        0.005, _seconds(allow_zero=True), "Gather NOTIFYs this long before enqueueing claims."
+    )
+    cleanup_mode: str = _setting(
+        "retain",
+        _choice(*CLEANUP_MODES),
+        "What happens to published rows: delete (at once), retain (for the retention), archive.",
+    )
+    retention_seconds: float = _setting(
+        7 * 24 * 3600.0, _seconds(), "How long published rows are kept in retain/archive mode."
+    )
+    archive_url: str = _setting(
+        "", _string, "Where archive mode writes compressed JSON-lines files (a directory)."
+    )
+    cleanup_interval_seconds: float = _setting(
+        86400.0, _seconds(), "Beat interval of outbox.cleanup."
+    )
+    dead_letter_interval_seconds: float = _setting(
+        10.0, _seconds(), "Beat interval of outbox.dead_letter."
+    )
+    metrics_interval_seconds: float = _setting(
+        15.0, _seconds(), "Beat interval of outbox.export_metrics."
+    )
+    event_type_policies: dict[str, str] = _setting(
+        {},
+        _event_type_policies,
+        "Per event type dead-letter policy, `Type=skip` does not park the aggregate.",
+    )
+    metrics_port: int = _setting(
+        9808, _int(0, 65535), "Port of the Prometheus endpoint served by workers (0: off)."
+    )
+    application_name: str = _setting(
+        "outbox_tasks", _name, "PostgreSQL application_name of every connection."
+    )
+    statement_timeout_seconds: float = _setting(
+        30.0, _seconds(), "PostgreSQL statement_timeout for relay connections."
+    )
+    lock_timeout_seconds: float = _setting(
+        5.0, _seconds(), "PostgreSQL lock_timeout for relay connections."
+    )
+    idle_in_transaction_timeout_seconds: float = _setting(
+        60.0, _seconds(), "PostgreSQL idle_in_transaction_session_timeout."
+    )
+
+    @property
+    def effective_publish_url(self) -> str:
+        """Where events go: ``publish_url`` or, when unset, the broker URL."""
+        return self.publish_url or self.broker_url
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        """The database URL with the psycopg 3 driver, whatever scheme the user wrote."""
+        scheme, rest = self.database_url.split("://", 1)
+        return f"postgresql+psycopg://{rest}" if scheme != "postgresql+psycopg" else self.database_url
+
+    @property
+    def libpq_url(self) -> str:
+        """The database URL as libpq (psycopg) reads it."""
+        return "postgresql://" + self.database_url.split("://", 1)[1]
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Load from ``OUTBOX_*`` variables (``os.environ`` by default); ``overrides`` win.
+
+        Raises ConfigurationError naming the first bad variable.
+        """
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name in overrides:
+                continue
+            var = env_var(f.name)
+            raw = env.get(var)
+            if raw is None:
+                continue
+            try:
+                values[f.name] = f.metadata["parse"](raw)
+            except _Invalid as exc:
+                raise ConfigurationError(f"{var}={raw!r} is not valid: expected {exc}") from None
+        values.update(overrides)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        """Checks that span several settings."""
+        if self.backoff_max_seconds < self.backoff_base_seconds:
+            raise ConfigurationError(
+                f"{env_var('backoff_max_seconds')}={self.backoff_max_seconds} is not valid: "
+                f"expected a value >= {env_var('backoff_base_seconds')} "
+                f"({self.backoff_base_seconds})"
+            )
+        if self.publish_task_seconds >= self.lease_seconds:
+            raise ConfigurationError(
+                f"{env_var('publish_task_seconds')}={self.publish_task_seconds} is not valid: "
+                f"expected less than {env_var('lease_seconds')} ({self.lease_seconds}), so a "
+                "publish task hands over before its lease can expire"
+            )
+        if self.cleanup_mode == "archive" and not self.archive_url:
+            raise ConfigurationError(
+                f"{env_var('archive_url')} is empty: expected a directory when "
+                f"{env_var('cleanup_mode')}=archive"
+            )
+
+    def with_changes(self, **changes: Any) -> Settings:
+        """A copy with some values changed (validated again)."""
+        settings = dataclasses.replace(self, **changes)
+        settings.validate()
+        return settings
+
+
+def env_var(field_name: str) -> str:
+    """``batch_size`` -> ``OUTBOX_BATCH_SIZE``."""
+    return ENV_PREFIX + field_name.upper()
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(env var, default, description) for every setting: the configuration reference."""
+    rows = []
+    defaults = Settings()
+    for f in dataclasses.fields(Settings):
+        value = getattr(defaults, f.name)
+        if isinstance(value, bool):
+            shown = "true" if value else "false"
+        elif isinstance(value, dict):
+            shown = ",".join(f"{k}={v}" for k, v in value.items())
+        elif isinstance(value, float) and value.is_integer():
+            shown = str(int(value))
+        elif value is None:
+            shown = ""
+        else:
+            shown = str(value)
+        rows.append((env_var(f.name), shown, str(f.metadata["doc"])))
+    return rows
