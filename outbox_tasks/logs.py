@@ -1,0 +1,57 @@
+"""Structured logs: one JSON object per line, with a stable ``action`` key per kind of event.
+
+Loggers are ordinary ``logging`` loggers; fields travel in ``extra={"action": ..., ...}``. The
+formatter is opt-in (``configure()``, done by the worker and the CLI) so an application that embeds
+the producer keeps its own logging setup.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+_STANDARD = frozenset(
+    vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None)).keys()
+) | {"message", "asctime", "taskName"}
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        for key, value in vars(record).items():
+            if key not in _STANDARD and not key.startswith("_"):
+                data[key] = value
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str)
+
+
+def get_logger(name: str) -> logging.Logger:
+    return logging.getLogger(f"outbox_tasks.{name}")
+
+
+def event(logger: logging.Logger, level: int, action: str, msg: str, **fields: Any) -> None:
+    """Log one event with its stable ``action`` and fields. Never raises."""
+    try:
+        logger.log(level, msg, extra={"action": action, **fields})
+    except Exception:  # noqa: BLE001 - logging must never break the relay
+        pass
+
+
+def configure(level: str | int = "INFO") -> None:
+    """JSON lines on stderr for the ``outbox_tasks`` loggers."""
+    logger = logging.getLogger("outbox_tasks")
+    if any(isinstance(h.formatter, JsonFormatter) for h in logger.handlers):
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter())
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False

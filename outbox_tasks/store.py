@@ -1,0 +1,428 @@
+"""All relay SQL, one named function per statement.
+
+Every function takes an open SQLAlchemy ``Connection`` (the caller owns the transaction) and
+returns plain values. Lease time is PostgreSQL's clock (``clock_timestamp()``): one clock for
+every host, so a worker with a skewed clock can never extend or steal a lease.
+
+Fencing (DESIGN 2.5): every write a lease holder makes goes through a data-modifying CTE that
+updates the holder's own lease row ``WHERE epoch = :epoch AND leased_until > clock_timestamp()``.
+That row lock serializes it with a concurrent grant: either the write commits first and the new
+holder sees its effect, or the grant wins and the write matches no lease and changes nothing.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Connection
+
+# Serializes lease grants across partition counts (repartitioning, DESIGN 4.2). Held for one
+# short transaction per grant; the value is arbitrary but fixed ("outbox" in ASCII).
+LEASE_LOCK_KEY = 0x6F7574626F78
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    partition_count: int
+    partition: int
+    slot_lo: int
+    slot_hi: int
+    epoch: int
+    owner: str
+    redeliver_max_seq: int | None
+    cursor_slot: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One pending outbox row, as the relay needs it."""
+
+    id: uuid.UUID
+    aggregate_type: str
+    aggregate_id: str
+    event_type: str
+    payload_json: str
+    headers: dict[str, Any]
+    schema_version: int
+    seq: int
+    slot: int
+    created_at: datetime
+    retry_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A message-specific failure to record. ``delay_seconds`` None means: give up (park)."""
+
+    id: uuid.UUID
+    retry_count: int
+    error: str
+    delay_seconds: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class FinishResult:
+    fenced_ok: bool
+    marked: int
+    failed: int
+    finished_at: datetime | None
+
+
+# --- leases -----------------------------------------------------------------------------------
+
+
+def lock_lease_table(conn: Connection) -> None:
+    """Serialize grants (transaction-scoped advisory lock)."""
+    conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LEASE_LOCK_KEY})
+
+
+def ensure_partition_row(
+    conn: Connection, partition_count: int, partition: int, slot_lo: int, slot_hi: int
+) -> None:
+    conn.execute(
+        text(
+            "INSERT INTO outbox_partition (partition_count, partition, slot_lo, slot_hi) "
+            "VALUES (:n, :p, :lo, :hi) ON CONFLICT DO NOTHING"
+        ),
+        {"n": partition_count, "p": partition, "lo": slot_lo, "hi": slot_hi},
+    )
+
+
+_GRANT = text(
+    """
+    UPDATE outbox_partition AS l
+    SET epoch = l.epoch + 1,
+        owner = :owner,
+        granted_at = clock_timestamp(),
+        leased_until = clock_timestamp() + make_interval(secs => :lease_seconds),
+        -- Rows a previous holder may have sent without marking: every holder of an overlapping
+        -- range, of any partition count, counts (a crash leaves its in-flight marker behind).
+        redeliver_max_seq = (
+            SELECT max(GREATEST(o.inflight_max_seq, o.redeliver_max_seq))
+            FROM outbox_partition o
+            WHERE o.slot_lo < l.slot_hi AND o.slot_hi > l.slot_lo
+        ),
+        inflight_max_seq = NULL
+    WHERE l.partition_count = :n AND l.partition = :p
+      AND (l.leased_until IS NULL OR l.leased_until <= clock_timestamp())
+      -- Repartitioning: never grant a range that overlaps a live lease of another count.
+      AND NOT EXISTS (
+          SELECT 1 FROM outbox_partition o
+          WHERE o.partition_count <> l.partition_count
+            AND o.leased_until > clock_timestamp()
+            AND o.slot_lo < l.slot_hi AND o.slot_hi > l.slot_lo
+      )
+    RETURNING l.slot_lo, l.slot_hi, l.epoch, l.redeliver_max_seq, l.cursor_slot
+    """
+)
+
+
+def grant_lease(
+    conn: Connection, partition_count: int, partition: int, owner: str, lease_seconds: float
+) -> Lease | None:
+    """Lease a partition if it is free; None when another holder's lease is live."""
+    row = conn.execute(
+        _GRANT,
+        {"n": partition_count, "p": partition, "owner": owner, "lease_seconds": lease_seconds},
+    ).one_or_none()
+    if row is None:
+        return None
+    return Lease(
+        partition_count=partition_count,
+        partition=partition,
+        slot_lo=row.slot_lo,
+        slot_hi=row.slot_hi,
+        epoch=row.epoch,
+        owner=owner,
+        redeliver_max_seq=row.redeliver_max_seq,
+        cursor_slot=row.cursor_slot,
+    )
+
+
+_TAKE_OVER = text(
+    """
+    UPDATE outbox_partition
+    SET owner = :owner, leased_until = clock_timestamp() + make_interval(secs => :lease_seconds)
+    WHERE partition_count = :n AND partition = :p AND epoch = :epoch
+      AND leased_until > clock_timestamp()
+    RETURNING slot_lo, slot_hi, epoch, redeliver_max_seq, cursor_slot
+    """
+)
+
+
+def take_over_lease(
+    conn: Connection,
+    partition_count: int,
+    partition: int,
+    epoch: int,
+    owner: str,
+    lease_seconds: float,
+) -> Lease | None:
+    """The publish task adopts the lease its claim granted (fenced by epoch) and renews it."""
+    row = conn.execute(
+        _TAKE_OVER,
+        {
+            "n": partition_count,
+            "p": partition,
+            "epoch": epoch,
+            "owner": owner,
+            "lease_seconds": lease_seconds,
+        },
+    ).one_or_none()
+    if row is None:
+        return None
+    return Lease(
+        partition_count=partition_count,
+        partition=partition,
+        slot_lo=row.slot_lo,
+        slot_hi=row.slot_hi,
+        epoch=row.epoch,
+        owner=owner,
+        redeliver_max_seq=row.redeliver_max_seq,
+        cursor_slot=row.cursor_slot,
+    )
+
+
+def release_lease(conn: Connection, lease: Lease) -> bool:
+    """Hand the partition back at once. A leftover in-flight marker is kept on purpose."""
+    result = conn.execute(
+        text(
+            "UPDATE outbox_partition SET owner = NULL, leased_until = clock_timestamp() "
+            "WHERE partition_count = :n AND partition = :p AND epoch = :epoch "
+            "AND leased_until > clock_timestamp()"
+        ),
+        {"n": lease.partition_count, "p": lease.partition, "epoch": lease.epoch},
+    )
+    return bool(result.rowcount)
+
+
+def mark_inflight(
+    conn: Connection, lease: Lease, max_seq: int, cursor_slot: int, lease_seconds: float
+) -> bool:
+    """Before a batch goes to the broker: renew the lease, record what is in flight and where the
+    next scan starts. Committed before publishing, so a crash leaves the marker behind."""
+    result = conn.execute(
+        text(
+            "UPDATE outbox_partition SET inflight_max_seq = :max_seq, cursor_slot = :cursor, "
+            "leased_until = clock_timestamp() + make_interval(secs => :lease_seconds) "
+            "WHERE partition_count = :n AND partition = :p AND epoch = :epoch "
+            "AND leased_until > clock_timestamp()"
+        ),
+        {
+            "n": lease.partition_count,
+            "p": lease.partition,
+            "epoch": lease.epoch,
+            "max_seq": max_seq,
+            "cursor": cursor_slot,
+            "lease_seconds": lease_seconds,
+        },
+    )
+    return bool(result.rowcount)
+
+
+# --- selecting a batch ------------------------------------------------------------------------
+
+
+def has_due_rows(conn: Connection, slot_lo: int, slot_hi: int) -> bool:
+    """Cheap probe before granting a lease: any pending, due row in the slot range?"""
+    return bool(
+        conn.execute(
+            text(
+                "SELECT EXISTS (SELECT 1 FROM outbox WHERE published_at IS NULL "
+                "AND slot >= :lo AND slot < :hi "
+                "AND (next_attempt_at IS NULL OR next_attempt_at <= clock_timestamp()))"
+            ),
+            {"lo": slot_lo, "hi": slot_hi},
+        ).scalar()
+    )
+
+
+_SELECT_CANDIDATES = text(
+    """
+    WITH blocked AS MATERIALIZED (
+        -- Aggregates with a row in backoff or parked: their later rows must wait.
+        SELECT aggregate_type, aggregate_id, min(seq) AS seq
+        FROM outbox
+        WHERE published_at IS NULL AND next_attempt_at IS NOT NULL
+          AND slot >= :lo AND slot < :hi
+          AND next_attempt_at > clock_timestamp()
+        GROUP BY aggregate_type, aggregate_id
+    )
+    SELECT o.id, o.aggregate_type, o.aggregate_id, o.event_type, o.payload::text AS payload_json,
+           o.headers, o.schema_version, o.seq, o.slot, o.created_at, o.retry_count
+    FROM outbox o
+    WHERE o.published_at IS NULL
+      AND o.slot >= :lo AND o.slot < :hi
+      AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= clock_timestamp())
+      -- Commit-order guard: only rows of transactions older than every running transaction.
+      AND o.txid < pg_snapshot_xmin(pg_current_snapshot())
+      AND NOT EXISTS (
+          SELECT 1 FROM blocked b
+          WHERE b.aggregate_type = o.aggregate_type AND b.aggregate_id = o.aggregate_id
+            AND b.seq < o.seq
+      )
+    -- Slot-major, then seq: one aggregate lives in one slot, so its rows come out contiguous and
+    -- in seq order, and the scan walks the partial index with no sort.
+    ORDER BY o.slot, o.seq
+    LIMIT :limit
+    FOR UPDATE OF o SKIP LOCKED
+    """
+)
+
+
+def select_candidates(conn: Connection, slot_lo: int, slot_hi: int, limit: int) -> list[Row]:
+    """Lock up to ``limit`` due rows of a slot range (DESIGN 4.3), slot-major then seq."""
+    if limit <= 0 or slot_lo >= slot_hi:
+        return []
+    result = conn.execute(_SELECT_CANDIDATES, {"lo": slot_lo, "hi": slot_hi, "limit": limit})
+    return [
+        Row(
+            id=r.id,
+            aggregate_type=r.aggregate_type,
+            aggregate_id=r.aggregate_id,
+            event_type=r.event_type,
+            payload_json=r.payload_json,
+            headers=r.headers,
+            schema_version=r.schema_version,
+            seq=r.seq,
+            slot=r.slot,
+            created_at=r.created_at,
+            retry_count=r.retry_count,
+        )
+        for r in result
+    ]
+
+
+_PENDING_SEQS = text(
+    """
+    SELECT b.aggregate_type, b.aggregate_id, array_agg(e.seq ORDER BY e.seq) AS seqs
+    FROM unnest(CAST(:types AS text[]), CAST(:ids AS text[]), CAST(:max_seqs AS bigint[]))
+         AS b(aggregate_type, aggregate_id, max_seq)
+    JOIN outbox e
+      ON e.aggregate_type = b.aggregate_type AND e.aggregate_id = b.aggregate_id
+     AND e.published_at IS NULL AND e.seq <= b.max_seq
+    GROUP BY b.aggregate_type, b.aggregate_id
+    """
+)
+
+
+def pending_seqs(
+    conn: Connection, max_seq_by_aggregate: dict[tuple[str, str], int]
+) -> dict[tuple[str, str], list[int]]:
+    """Per aggregate, every pending seq up to the given one (all partitions, any state).
+
+    The relay keeps only the rows of an aggregate that form an unbroken prefix of this list, so an
+    earlier row it could not take (locked by a stale holder, in backoff, not yet past the
+    commit-order guard) holds the later ones back.
+    """
+    if not max_seq_by_aggregate:
+        return {}
+    keys = list(max_seq_by_aggregate)
+    result = conn.execute(
+        _PENDING_SEQS,
+        {
+            "types": [k[0] for k in keys],
+            "ids": [k[1] for k in keys],
+            "max_seqs": [max_seq_by_aggregate[k] for k in keys],
+        },
+    )
+    return {(r.aggregate_type, r.aggregate_id): list(r.seqs) for r in result}
+
+
+# --- finishing a batch ------------------------------------------------------------------------
+
+_FENCE_CTE = """
+    lease AS (
+        UPDATE outbox_partition
+        SET inflight_max_seq = NULL,
+            published_count = published_count + :n_ok,
+            last_published_at = CASE WHEN :n_ok > 0 THEN clock_timestamp()
+                                     ELSE last_published_at END
+        WHERE partition_count = :n AND partition = :p AND epoch = :epoch
+          AND leased_until > clock_timestamp()
+        RETURNING clock_timestamp() AS at
+    )"""
+
+_FAILED_CTE = """
+    failed AS (
+        UPDATE outbox o
+        SET retry_count = f.retry_count,
+            last_error = f.error,
+            first_failed_at = COALESCE(o.first_failed_at, clock_timestamp()),
+            next_attempt_at = CASE WHEN f.delay IS NULL THEN 'infinity'::timestamptz
+                              ELSE clock_timestamp() + make_interval(secs => f.delay) END,
+            dead_lettered_at = CASE WHEN f.delay IS NULL THEN clock_timestamp() END
+        FROM unnest(CAST(:f_ids AS uuid[]), CAST(:f_counts AS integer[]),
+                    CAST(:f_errors AS text[]), CAST(:f_delays AS float8[]))
+             AS f(id, retry_count, error, delay)
+        WHERE o.id = f.id AND o.published_at IS NULL AND EXISTS (SELECT 1 FROM lease)
+        RETURNING o.id
+    )"""
+
+_FINISH_MARK = text(
+    "WITH"
+    + _FENCE_CTE
+    + """,
+    done AS (
+        UPDATE outbox SET published_at = (SELECT at FROM lease)
+        WHERE id = ANY(CAST(:ok_ids AS uuid[])) AND published_at IS NULL
+          AND EXISTS (SELECT 1 FROM lease)
+        RETURNING id
+    ),"""
+    + _FAILED_CTE
+    + """
+    SELECT (SELECT at FROM lease) AS at, (SELECT count(*) FROM done) AS done,
+           (SELECT count(*) FROM failed) AS failed
+    """
+)
+
+# OUTBOX_CLEANUP_MODE=delete: the published rows go in the same statement that would mark them.
+_FINISH_DELETE = text(
+    "WITH"
+    + _FENCE_CTE
+    + """,
+    done AS (
+        DELETE FROM outbox
+        WHERE id = ANY(CAST(:ok_ids AS uuid[])) AND published_at IS NULL
+          AND EXISTS (SELECT 1 FROM lease)
+        RETURNING id
+    ),"""
+    + _FAILED_CTE
+    + """
+    SELECT (SELECT at FROM lease) AS at, (SELECT count(*) FROM done) AS done,
+           (SELECT count(*) FROM failed) AS failed
+    """
+)
+
+
+def finish_batch(
+    conn: Connection,
+    lease: Lease,
+    published_ids: Sequence[uuid.UUID],
+    failures: Sequence[Failure],
+    *,
+    delete_published: bool,
+) -> FinishResult:
+    """Mark published (or delete) and record failures in ONE fenced statement per batch."""
+    row = conn.execute(
+        _FINISH_DELETE if delete_published else _FINISH_MARK,
+        {
+            "n": lease.partition_count,
+            "p": lease.partition,
+            "epoch": lease.epoch,
+            "n_ok": len(published_ids),
+            "ok_ids": list(published_ids),
+            "f_ids": [f.id for f in failures],
+            "f_counts": [f.retry_count for f in failures],
+            "f_errors": [f.error for f in failures],
+            "f_delays": [f.delay_seconds for f in failures],
+        },
+    ).one()
+    return FinishResult(
+        fenced_ok=row.at is not None, marked=row.done, failed=row.failed, finished_at=row.at
+    )
