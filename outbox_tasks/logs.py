@@ -8,6 +8,7 @@ the producer keeps its own logging setup.
 from __future__ import annotations
 
 import json
+import sys
 import logging
 from datetime import UTC, datetime
 from typing import Any
@@ -50,7 +51,8 @@ def configure(level: str | int = "INFO") -> None:
     logger = logging.getLogger("outbox_tasks")
     if any(isinstance(h.formatter, JsonFormatter) for h in logger.handlers):
         return
-    handler = logging.StreamHandler()
+    # sys.__stderr__: Celery swaps sys.stderr for a logging proxy that would re-log every line.
+    handler = logging.StreamHandler(sys.__stderr__)
     handler.setFormatter(JsonFormatter())
     logger.addHandler(handler)
     logger.setLevel(level)

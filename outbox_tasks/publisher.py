@@ -16,7 +16,6 @@ the connection; the next call reconnects.
 from __future__ import annotations
 
 import math
-import socket
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -25,10 +24,11 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import redis.exceptions
-from amqp.exceptions import PreconditionFailed  # type: ignore[import-untyped]
-from kombu import Connection, Exchange
+from amqp.exceptions import PreconditionFailed
+from kombu.connection import Connection
+from kombu.entity import Exchange
 from kombu.exceptions import OperationalError
-from kombu.utils.json import dumps as kombu_json_dumps
+from kombu.utils.json import dumps
 from kombu.utils.url import maybe_sanitize_url
 
 from outbox_tasks.envelope import CONTENT_ENCODING, CONTENT_TYPE, OutboundMessage
@@ -41,6 +41,11 @@ _AMQP_SCHEMES: Final = frozenset({"amqp", "amqps", "pyamqp"})
 # kombu's Redis "fanout" is PUB/SUB (lost when nobody listens) and it has no "headers" exchange.
 _REDIS_EXCHANGE_TYPES: Final = frozenset({"topic", "direct"})
 _AMQP_EXCHANGE_TYPES: Final = frozenset({"topic", "direct", "fanout", "headers"})
+
+# kombu is only partly annotated: it is called through ``Any`` rather than through ignores.
+_kombu_connection: Any = Connection
+_kombu_exchange: Any = Exchange
+_kombu_json_dumps: Any = dumps
 
 _PERSISTENT: Final = 2
 _ERROR_TEXT_MAX: Final = 200
@@ -112,10 +117,10 @@ class BrokerPublisher:
         self._exchange_type = exchange_type
         self._timeout = float(timeout_seconds)
         self._is_amqp = scheme in _AMQP_SCHEMES
-        self._conn: Connection | None = None
+        self._conn: Any = None
         self._link: _Link | None = None
         # Built from the transport class only: no I/O, no connection yet.
-        probe = Connection(url)
+        probe = _kombu_connection(url)
         self._broker_errors: tuple[type[BaseException], ...] = _broker_errors(
             tuple(probe.connection_errors) + tuple(probe.channel_errors)
         )
@@ -159,7 +164,7 @@ class BrokerPublisher:
                 return link
             # Dead before anything was sent: reconnecting now is safe.
             self._drop()
-        conn = Connection(
+        conn = _kombu_connection(
             self._url,
             connect_timeout=self._timeout,
             transport_options=(
@@ -192,21 +197,16 @@ class BrokerPublisher:
         """Translate driver errors into ours, dropping the connection so the next call is fresh."""
         try:
             yield
-        except BrokerUnavailable:
-            self._drop()
-            raise
-        except PreconditionFailed as exc:
-            # The exchange exists with another type or durability: retrying cannot help.
-            self._drop()
-            raise ConfigurationError(
-                f"exchange {self._exchange!r} on {self._safe_url} exists with different "
-                f"settings than type={self._exchange_type!r}, durable=True: {exc}"
-            ) from exc
         except self._broker_errors as exc:
             self._drop()
             raise BrokerUnavailable(
                 f"broker {self._safe_url} unavailable while {what}: {_describe(exc)}"
             ) from exc
+        except BaseException:
+            # Whatever broke mid-call (even our own BrokerUnavailable or a bug), the connection
+            # may hold half-read frames or stray confirms: never reuse it.
+            self._drop()
+            raise
 
 
 def _broker_errors(
@@ -224,7 +224,7 @@ def _broker_errors(
     )
 
 
-def _forget(conn: Connection, timeout: float) -> None:
+def _forget(conn: Any, timeout: float) -> None:
     """Release a connection without talking to the broker, which may be gone."""
     # Called while another error is being handled: never let cleanup hide it.
     with suppress(Exception):
@@ -232,7 +232,7 @@ def _forget(conn: Connection, timeout: float) -> None:
 
 
 def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
+    text = " ".join(str(exc).split()) or type(exc).__name__
     if len(text) > _ERROR_TEXT_MAX:
         text = text[: _ERROR_TEXT_MAX - 3] + "..."
     return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text
@@ -254,7 +254,7 @@ def _lanes(messages: Sequence[OutboundMessage]) -> list[deque[int]]:
 class _RedisLink:
     """kombu's Redis virtual channel, published to in bulk."""
 
-    def __init__(self, conn: Connection, exchange: str, exchange_type: str) -> None:
+    def __init__(self, conn: Any, exchange: str, exchange_type: str) -> None:
         # Creating the channel PINGs Redis, so a dead server shows up here.
         self._channel: Any = conn.channel()
         self._exchange = exchange
@@ -267,7 +267,7 @@ class _RedisLink:
     def declare(self) -> None:
         # Virtual exchanges live in the connection's memory; kombu needs the declaration to
         # know the exchange type when routing.
-        Exchange(self._exchange, type=self._exchange_type, durable=True).declare(
+        _kombu_exchange(self._exchange, type=self._exchange_type, durable=True).declare(
             channel=self._channel
         )
 
@@ -336,7 +336,7 @@ def _kombu_redis_push(
         {"delivery_mode": _PERSISTENT, "message_id": message.event_id},
     )
     channel._inplace_augment_message(wire, exchange, message.routing_key)
-    payload: str = kombu_json_dumps(wire)
+    payload: str = _kombu_json_dumps(wire)
     priority = channel._get_message_priority(wire, reverse=False)
     return payload, [channel._q_for_pri(queue, priority) for queue in queues]
 
@@ -349,7 +349,7 @@ def _kombu_redis_push(
 class _AmqpLink:
     """A py-amqp channel in confirm mode: the only place that talks py-amqp directly."""
 
-    def __init__(self, conn: Connection, exchange: str, exchange_type: str, timeout: float) -> None:
+    def __init__(self, conn: Any, exchange: str, exchange_type: str, timeout: float) -> None:
         self._raw: Any = conn.connection
         # py-amqp puts the socket back in blocking mode after connecting; give every later read
         # and write (channel open, declare, publish) a bound so a silent broker cannot hang us.
@@ -373,16 +373,23 @@ class _AmqpLink:
         # so a dead connection is replaced before any message is sent on it.
         try:
             self._raw.drain_events(timeout=0)
-        except socket.timeout:
+        except TimeoutError:
             return True
         except Exception:  # whatever it is, this connection is not worth keeping
             return False
         return True
 
     def declare(self) -> None:
-        Exchange(self._exchange, type=self._exchange_type, durable=True).declare(
-            channel=self._channel
-        )
+        try:
+            _kombu_exchange(self._exchange, type=self._exchange_type, durable=True).declare(
+                channel=self._channel
+            )
+        except PreconditionFailed as exc:
+            # The exchange exists with another type or durability: retrying cannot help.
+            raise ConfigurationError(
+                f"exchange {self._exchange!r} exists with settings other than "
+                f"type={self._exchange_type!r}, durable=True: {exc}"
+            ) from exc
 
     def publish(self, messages: Sequence[OutboundMessage]) -> BatchResult:
         wires: list[Any] = []
@@ -440,11 +447,14 @@ class _AmqpLink:
         )
         try:
             # py-amqp encodes the properties only while writing the frame, and an encoding error
-            # there is reported as a connection error. Encoding once beforehand (private helper)
+            # there is reported as a connection error. Encoding beforehand (private helper)
             # keeps a bad header this message's own failure.
-            wire._serialize_properties()
+            encoded = wire._serialize_properties()
         except Exception as exc:  # local encoding only, so the message's own fault
             return wire, f"cannot encode message: {_describe(exc)}"
+        # ... and the frame writer reuses these bytes instead of encoding them a second time
+        # (the properties are the bulk of py-amqp's CPU time per message).
+        wire._serialize_properties = lambda: encoded
         return wire, None
 
     def _send_wave(
@@ -474,7 +484,7 @@ class _AmqpLink:
                     f"{len(self._unconfirmed)} of {len(wave)} publisher confirms not received "
                     f"within {self._timeout:g}s"
                 )
-            with suppress(socket.timeout):
+            with suppress(TimeoutError):
                 self._raw.drain_events(timeout=remaining)
         return {messages[index].aggregate_key for index in self._nacked}
 

@@ -216,14 +216,17 @@ class Relay:
         """Drain one leased partition for up to ``publish_task_seconds``."""
         n = partition_count or self.settings.partitions
         report = PublishReport(partition=partition, epoch=epoch)
-        if self.circuit.is_open:
-            report.circuit_open = True
-            report.more = True
-            return report
         with translate_errors("publish"), self.engine.begin() as conn:
             lease = store.take_over_lease(
                 conn, n, partition, epoch, self.owner, self.settings.lease_seconds
             )
+            if lease is not None and self.circuit.is_open:
+                # Hand the partition straight back: holding it would only delay another
+                # process that may already see the broker again.
+                store.release_lease(conn, lease)
+                report.circuit_open = True
+                report.more = True
+                return report
         if lease is None:
             # Expired in the queue or already superseded: a newer claim owns the partition.
             event(log, logging.INFO, "lease_stale", "publish task found its lease gone",

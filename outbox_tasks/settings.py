@@ -41,7 +41,6 @@ def _int(low: int, high: int | None = None) -> Callable[[str], int]:
             raise _Invalid(expected)
         return value
 
-    parse.expected = expected  # type: ignore[attr-defined]
     return parse
 
 
@@ -59,7 +58,6 @@ def _seconds(*, allow_zero: bool = False) -> Callable[[str], float]:
             raise _Invalid(expected)
         return value
 
-    parse.expected = expected  # type: ignore[attr-defined]
     return parse
 
 
@@ -198,7 +196,7 @@ class Settings:
         10.0, _seconds(), "Connect and confirm timeout when publishing to the broker."
     )
     circuit_max_seconds: float = _setting(
-        30.0, _seconds(), "Longest pause between attempts while the broker is down."
+        5.0, _seconds(), "Longest pause between attempts while the broker is down."
     )
     wakeup_enabled: bool = _setting(
         True, _bool, "Listen for NOTIFY from the outbox trigger and claim at once (low latency)."
@@ -233,6 +231,11 @@ class Settings:
     )
     metrics_port: int = _setting(
         9808, _int(0, 65535), "Port of the Prometheus endpoint served by workers (0: off)."
+    )
+    celery_config: str = _setting(
+        "",
+        _string,
+        "Python module with Celery settings applied over ours (beat entries merge by name).",
     )
     application_name: str = _setting(
         "outbox_tasks", _name, "PostgreSQL application_name of every connection."

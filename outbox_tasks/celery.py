@@ -1,0 +1,121 @@
+"""The Celery app: queues, routes, beat schedule, worker policy. ``celery -A outbox_tasks ...``.
+
+Policy, and why:
+- Relay tasks ack early (``acks_late`` off) and never use ETA/countdown. A lost claim or publish
+  task costs nothing: the lease in PostgreSQL is the truth, it expires, and the next beat tick
+  claims again. Late acks would only add Redis visibility-timeout redeliveries of stale tasks
+  (which the epoch fence would then ignore).
+- ``worker_prefetch_multiplier=1``: a worker process holds one task at a time, so a long publish
+  task never sits on claims another process could run.
+- Claim and publish tasks expire: a claim older than a few ticks, or a publish task older than
+  its lease, is dropped by the worker instead of doing stale work.
+- The broker's visibility timeout (Redis) stays long (1 h); it only matters for late-ack tasks,
+  i.e. the user's own.
+
+Users extend or override any of this with ``OUTBOX_CELERY_CONFIG=module.path``: that module's
+lower-case Celery settings are applied on top, and its ``beat_schedule`` entries are merged by
+name (same name replaces ours, new names are added).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from datetime import timedelta
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from outbox_tasks.errors import ConfigurationError
+from outbox_tasks.settings import Settings
+
+CLAIM_QUEUE = "outbox.claim"
+PUBLISH_QUEUE = "outbox.publish"
+MAINTENANCE_QUEUE = "outbox.maintenance"
+QUEUES = (CLAIM_QUEUE, PUBLISH_QUEUE, MAINTENANCE_QUEUE)
+
+
+def load_settings() -> Settings:
+    """Settings for a Celery process; a bad value stops it with one line naming the variable."""
+    try:
+        return Settings.from_env()
+    except ConfigurationError as error:
+        sys.stderr.write(f"outbox_tasks: configuration error: {error}\n")
+        raise SystemExit(2) from None
+
+
+def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
+    return {
+        "outbox.claim": {
+            "task": "outbox.claim",
+            "schedule": timedelta(seconds=settings.poll_interval_seconds),
+            "options": {"expires": max(settings.poll_interval_seconds * 3, 1.0)},
+        },
+    }
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    queues = [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES]
+    return {
+        "broker_url": settings.broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": 3600},
+        "task_queues": queues,
+        "task_default_queue": MAINTENANCE_QUEUE,
+        "task_routes": {
+            "outbox.claim": {"queue": CLAIM_QUEUE},
+            "outbox.publish": {"queue": PUBLISH_QUEUE},
+            "outbox.*": {"queue": MAINTENANCE_QUEUE},
+        },
+        "task_acks_late": False,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "worker_prefetch_multiplier": 1,
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "worker_hijack_root_logger": False,
+        "beat_schedule": beat_schedule(settings),
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+
+
+def apply_user_config(config: dict[str, Any], module_path: str) -> dict[str, Any]:
+    """Overlay a user's Celery config module; beat entries merge by name."""
+    try:
+        module = importlib.import_module(module_path)
+    except ImportError as error:
+        raise ConfigurationError(
+            f"OUTBOX_CELERY_CONFIG={module_path!r} is not valid: cannot import it ({error})"
+        ) from None
+    merged = dict(config)
+    for key, value in vars(module).items():
+        if key.startswith("_") or not key.islower():
+            continue
+        if key == "beat_schedule":
+            merged["beat_schedule"] = {**config["beat_schedule"], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def create_app(settings: Settings) -> Celery:
+    celery_app = Celery("outbox_tasks", include=["outbox_tasks.tasks"])
+    config = celery_config(settings)
+    if settings.celery_config:
+        config = apply_user_config(config, settings.celery_config)
+    celery_app.conf.update(config)
+    return celery_app
+
+
+settings = load_settings()
+try:
+    app = create_app(settings)
+except ConfigurationError as _error:
+    sys.stderr.write(f"outbox_tasks: configuration error: {_error}\n")
+    raise SystemExit(2) from None
+
+# Registers the tasks and the worker's wake-up bootstep (after `app` exists: tasks import it).
+from outbox_tasks import tasks as _tasks  # noqa: E402, F401

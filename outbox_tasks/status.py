@@ -1,0 +1,155 @@
+"""What ``outbox-tasks status`` reports: read from PostgreSQL, the source of truth."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+
+from outbox_tasks.settings import Settings
+
+OLDEST_PENDING_ATTENTION_SECONDS = 300.0
+
+
+@dataclass
+class PartitionStatus:
+    partition: int
+    slot_lo: int
+    slot_hi: int
+    owner: str | None
+    epoch: int
+    leased_until: datetime | None
+    live: bool
+    backlog: int
+    last_published_at: datetime | None
+
+
+@dataclass
+class Status:
+    partitions: int
+    pending: int
+    oldest_pending_age_seconds: float | None
+    parked_messages: int
+    parked_aggregates: int
+    retrying_messages: int
+    last_published_at: datetime | None
+    published_last_minute: int
+    partition_rows: list[PartitionStatus] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def healthy(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["healthy"] = self.healthy
+        return data
+
+
+def collect_status(engine: Engine, settings: Settings) -> Status:
+    with engine.connect() as conn:
+        totals = conn.execute(
+            text(
+                """
+                SELECT count(*) AS pending,
+                       EXTRACT(EPOCH FROM clock_timestamp() - min(created_at)) AS oldest,
+                       count(*) FILTER (WHERE dead_lettered_at IS NOT NULL) AS parked,
+                       count(DISTINCT (aggregate_type, aggregate_id))
+                           FILTER (WHERE dead_lettered_at IS NOT NULL) AS parked_aggregates,
+                       count(*) FILTER (WHERE dead_lettered_at IS NULL
+                                        AND next_attempt_at IS NOT NULL) AS retrying
+                FROM outbox WHERE published_at IS NULL
+                """
+            )
+        ).one()
+        recent = conn.execute(
+            text(
+                "SELECT count(*) FROM outbox WHERE published_at > clock_timestamp() - "
+                "interval '1 minute'"
+            )
+        ).scalar_one()
+        backlog = {
+            int(r.partition): int(r.n)
+            for r in conn.execute(
+                text(
+                    "SELECT (slot::int * :n / 1024) AS partition, count(*) AS n FROM outbox "
+                    "WHERE published_at IS NULL GROUP BY 1"
+                ),
+                {"n": settings.partitions},
+            )
+        }
+        leases = conn.execute(
+            text(
+                "SELECT partition, slot_lo, slot_hi, owner, epoch, leased_until, "
+                "leased_until > clock_timestamp() AS live, last_published_at "
+                "FROM outbox_partition WHERE partition_count = :n ORDER BY partition"
+            ),
+            {"n": settings.partitions},
+        ).all()
+    from outbox_tasks.partitioning import slot_range
+
+    by_partition = {r.partition: r for r in leases}
+    rows = []
+    for p in range(settings.partitions):
+        lo, hi = slot_range(p, settings.partitions)
+        lease = by_partition.get(p)
+        rows.append(
+            PartitionStatus(
+                partition=p,
+                slot_lo=lo,
+                slot_hi=hi,
+                owner=lease.owner if lease and lease.live else None,
+                epoch=lease.epoch if lease else 0,
+                leased_until=lease.leased_until if lease else None,
+                live=bool(lease and lease.live),
+                backlog=backlog.get(p, 0),
+                last_published_at=lease.last_published_at if lease else None,
+            )
+        )
+    last = max((r.last_published_at for r in rows if r.last_published_at), default=None)
+    status = Status(
+        partitions=settings.partitions,
+        pending=int(totals.pending),
+        oldest_pending_age_seconds=float(totals.oldest) if totals.oldest is not None else None,
+        parked_messages=int(totals.parked),
+        parked_aggregates=int(totals.parked_aggregates),
+        retrying_messages=int(totals.retrying),
+        last_published_at=last,
+        published_last_minute=int(recent),
+        partition_rows=rows,
+    )
+    if status.parked_messages:
+        status.problems.append(
+            f"{status.parked_messages} dead-lettered message(s) park "
+            f"{status.parked_aggregates} aggregate(s)"
+        )
+    age = status.oldest_pending_age_seconds
+    if age is not None and age > OLDEST_PENDING_ATTENTION_SECONDS:
+        status.problems.append(f"oldest pending message is {age:.0f} s old")
+    return status
+
+
+def render_status(status: Status) -> str:
+    age = status.oldest_pending_age_seconds
+    lines = [
+        f"pending messages      {status.pending}",
+        f"oldest pending age    {'-' if age is None else f'{age:.1f} s'}",
+        f"retrying              {status.retrying_messages}",
+        f"dead letters / parked {status.parked_messages} / {status.parked_aggregates} aggregates",
+        f"published last minute {status.published_last_minute}",
+        f"last publish          {status.last_published_at or '-'}",
+        "",
+        "partition  slots       owner                          epoch  backlog  lease until",
+    ]
+    for p in status.partition_rows:
+        lines.append(
+            f"{p.partition:>9}  {p.slot_lo:>4}-{p.slot_hi - 1:<5}  {(p.owner or '-')[:30]:<30} "
+            f"{p.epoch:>6} {p.backlog:>8}  {p.leased_until if p.live else '-'}"
+        )
+    lines.append("")
+    lines.append("healthy" if status.healthy else "attention: " + "; ".join(status.problems))
+    return "\n".join(lines)

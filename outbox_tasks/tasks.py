@@ -1,0 +1,150 @@
+"""Celery tasks: thin wrappers over the relay. Each worker process builds its own engine and
+broker publisher after fork, on first use."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+from celery import bootsteps
+
+from outbox_tasks.celery import app, settings
+from outbox_tasks.db import make_engine
+from outbox_tasks.errors import DatabaseUnavailable
+from outbox_tasks.logs import configure, event, get_logger
+from outbox_tasks.metrics import RelayMetrics
+from outbox_tasks.publisher import BrokerPublisher
+from outbox_tasks.relay import Relay
+from outbox_tasks.wakeup import WakeupListener
+
+log = get_logger("tasks")
+
+
+class _ProcessRuntime:
+    """The relay of this process, rebuilt after fork (sockets are never shared across a fork)."""
+
+    def __init__(self) -> None:
+        self.pid: int | None = None
+        self.relay: Relay | None = None
+        self.metrics: RelayMetrics | None = None
+
+    def get(self) -> Relay:
+        if self.relay is None or self.pid != os.getpid():
+            self.pid = os.getpid()
+            configure()
+            engine = make_engine(settings, pool_size=2)
+            publisher = BrokerPublisher(
+                settings.effective_publish_url,
+                settings.exchange,
+                timeout_seconds=settings.broker_timeout_seconds,
+            )
+            if self.metrics is None:
+                self.metrics = RelayMetrics()
+            self.relay = Relay(
+                settings, engine, publisher,
+                owner=f"{socket.gethostname()}:{self.pid}",
+                observer=self.metrics,
+            )
+        return self.relay
+
+
+runtime = _ProcessRuntime()
+
+
+def _enqueue_publish(partition: int, epoch: int, partition_count: int) -> None:
+    publish.apply_async(
+        args=(partition, epoch, partition_count), expires=settings.lease_seconds
+    )
+
+
+def claim_and_dispatch(relay: Relay, partitions: list[int]) -> list[int]:
+    """Claim each partition; enqueue a publish task for every lease granted."""
+    granted = []
+    for partition in partitions:
+        lease = relay.claim(partition)
+        if lease is not None:
+            _enqueue_publish(partition, lease.epoch, lease.partition_count)
+            granted.append(partition)
+    return granted
+
+
+@app.task(name="outbox.claim")
+def claim(partition: int | None = None) -> dict[str, Any]:
+    """Lease partitions that have due rows (all of them when ``partition`` is None) and hand
+    each lease to a publish task. Idempotent: live leases are left alone."""
+    relay = runtime.get()
+    wanted = list(range(settings.partitions)) if partition is None else [partition]
+    try:
+        granted = claim_and_dispatch(relay, wanted)
+    except DatabaseUnavailable as error:
+        event(log, logging.WARNING, "database_unavailable", "claim skipped", error=str(error))
+        return {"granted": [], "error": "database_unavailable"}
+    return {"granted": granted}
+
+
+@app.task(name="outbox.publish")
+def publish(partition: int, epoch: int, partition_count: int) -> dict[str, Any]:
+    """Publish a leased partition's due rows in order until drained or out of time."""
+    relay = runtime.get()
+    try:
+        report = relay.publish(partition, epoch, partition_count)
+    except DatabaseUnavailable as error:
+        # Nothing is lost: unmarked rows stay pending; the lease expires; a later claim resends.
+        event(log, logging.WARNING, "database_unavailable", "publish stopped", error=str(error),
+              partition=partition)
+        return {"partition": partition, "epoch": epoch, "error": "database_unavailable"}
+    if report.more and not report.circuit_open and not report.lease_lost:
+        # Drain chaining: a full partition does not wait for the next beat tick.
+        claim.apply_async(args=(partition,), expires=max(settings.poll_interval_seconds * 3, 1.0))
+    return report.as_dict()
+
+
+class WakeupStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Runs the NOTIFY listener in the worker's main process (OUTBOX_WAKEUP_ENABLED)."""
+
+    requires = {"celery.worker.components:Pool"}
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        self.listener: WakeupListener | None = None
+        self.relay: Relay | None = None
+
+    def start(self, worker: Any) -> None:
+        if not settings.wakeup_enabled:
+            return
+        configure()
+        self.relay = Relay(
+            settings,
+            make_engine(settings, pool_size=1, application_name="outbox_tasks.wakeup"),
+            publisher=_NoPublisher(),
+            owner=f"{socket.gethostname()}:{os.getpid()}:wakeup",
+        )
+        relay = self.relay
+
+        def on_partitions(partitions: set[int]) -> None:
+            claim_and_dispatch(relay, sorted(partitions))
+
+        self.listener = WakeupListener(
+            settings.libpq_url,
+            settings.partitions,
+            on_partitions,
+            debounce_seconds=settings.wakeup_debounce_seconds,
+        )
+        self.listener.start()
+
+    def stop(self, worker: Any) -> None:
+        if self.listener is not None:
+            self.listener.stop()
+        if self.relay is not None:
+            self.relay.engine.dispose()
+
+
+class _NoPublisher:
+    """The wake-up relay only claims; publishing happens in publish tasks."""
+
+    def publish_batch(self, messages: Any) -> Any:
+        raise RuntimeError("the wake-up listener does not publish")
+
+
+app.steps["worker"].add(WakeupStep)
