@@ -1,0 +1,296 @@
+"""Settings: defaults, one-line errors naming the variable, cross-field checks, the reference."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from outbox_tasks.errors import ConfigurationError
+from outbox_tasks.settings import Settings, describe, env_var
+
+# (env var, bad value, a phrase of what is expected)
+BAD_VALUES: list[tuple[str, str, str]] = [
+    ("OUTBOX_PARTITIONS", "zero", "an integer from 1 to 1024"),
+    ("OUTBOX_PARTITIONS", "0", "an integer from 1 to 1024"),
+    ("OUTBOX_PARTITIONS", "2000", "an integer from 1 to 1024"),
+    ("OUTBOX_PARTITIONS", "1.5", "an integer from 1 to 1024"),
+    ("OUTBOX_BATCH_SIZE", "-1", "an integer from 1 to 10000"),
+    ("OUTBOX_MAX_RETRIES", "lots", "an integer from 0 to 1000"),
+    ("OUTBOX_METRICS_PORT", "70000", "an integer from 0 to 65535"),
+    ("OUTBOX_DATABASE_URL", "mysql://x", "a URL starting with postgresql://"),
+    ("OUTBOX_DATABASE_URL", "", "a URL starting with postgresql://"),
+    ("OUTBOX_DATABASE_URL", "127.0.0.1:5432/outbox", "a URL starting with postgresql://"),
+    ("OUTBOX_BROKER_URL", "redis://h:port/0", "a URL starting with redis://"),
+    ("OUTBOX_BROKER_URL", "", "a URL starting with redis://"),
+    ("OUTBOX_BROKER_URL", "kafka://h:9092", "a URL starting with redis://"),
+    ("OUTBOX_PUBLISH_URL", "http://h", "a URL starting with redis://"),
+    ("OUTBOX_POLL_INTERVAL_SECONDS", "-1", "a number of seconds > 0"),
+    ("OUTBOX_POLL_INTERVAL_SECONDS", "0", "a number of seconds > 0"),
+    ("OUTBOX_POLL_INTERVAL_SECONDS", "nan", "a number of seconds > 0"),
+    ("OUTBOX_POLL_INTERVAL_SECONDS", "inf", "a number of seconds > 0"),
+    ("OUTBOX_POLL_INTERVAL_SECONDS", "1s", "a number of seconds > 0"),
+    ("OUTBOX_LEASE_SECONDS", "-30", "a number of seconds > 0"),
+    ("OUTBOX_WAKEUP_DEBOUNCE_SECONDS", "-0.001", "a number of seconds >= 0"),
+    ("OUTBOX_CLEANUP_MODE", "purge", "one of delete, retain, archive"),
+    ("OUTBOX_WAKEUP_ENABLED", "maybe", "one of true/false"),
+    ("OUTBOX_EVENT_TYPE_POLICIES", "OrderViewed=drop", "EventType=park|skip"),
+    ("OUTBOX_EVENT_TYPE_POLICIES", "OrderViewed", "EventType=park|skip"),
+    ("OUTBOX_EVENT_TYPE_POLICIES", "=skip", "EventType=park|skip"),
+    ("OUTBOX_EXCHANGE", "", "a non-empty name"),
+    ("OUTBOX_EXCHANGE", "outbox events", "a non-empty name"),
+    ("OUTBOX_APPLICATION_NAME", "relay\nworker", "a non-empty name"),
+]
+
+
+def _bad_id(case: tuple[str, str, str]) -> str:
+    var, value, _ = case
+    return f"{var.removeprefix('OUTBOX_').lower()}={value or '<empty>'}"
+
+
+def test_defaults_load_from_an_empty_environment() -> None:
+    settings = Settings.from_env({})
+
+    assert settings == Settings()
+    assert settings.database_url == "postgresql://postgres@127.0.0.1:5432/outbox"
+    assert settings.broker_url == "redis://127.0.0.1:6379/0"
+    assert settings.publish_url is None
+    assert settings.exchange == "outbox.events"
+    assert settings.dead_letter_exchange == "outbox.dead"
+    assert settings.partitions == 8
+    assert settings.batch_size == 500
+    assert settings.max_retries == 5
+    assert settings.cleanup_mode == "retain"
+    assert settings.retention_seconds == 7 * 24 * 3600
+    assert settings.wakeup_enabled is True
+    assert settings.event_type_policies == {}
+
+
+def test_the_process_environment_is_read_when_no_mapping_is_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OUTBOX_PARTITIONS", "16")
+
+    assert Settings.from_env().partitions == 16
+
+
+@pytest.mark.parametrize(
+    ("var", "raw", "expected"),
+    [
+        ("OUTBOX_PARTITIONS", " 16 ", 16),
+        ("OUTBOX_PARTITIONS", "1024", 1024),
+        ("OUTBOX_MAX_RETRIES", "0", 0),
+        ("OUTBOX_POLL_INTERVAL_SECONDS", "0.25", 0.25),
+        ("OUTBOX_WAKEUP_DEBOUNCE_SECONDS", "0", 0.0),
+        ("OUTBOX_WAKEUP_ENABLED", "off", False),
+        ("OUTBOX_WAKEUP_ENABLED", "YES", True),
+        ("OUTBOX_CLEANUP_MODE", "Delete", "delete"),
+        ("OUTBOX_DATABASE_URL", "postgres://u@db/outbox", "postgres://u@db/outbox"),
+        ("OUTBOX_BROKER_URL", "amqp://guest:guest@mq:5672//", "amqp://guest:guest@mq:5672//"),
+        ("OUTBOX_PUBLISH_URL", "", None),
+        (
+            "OUTBOX_EVENT_TYPE_POLICIES",
+            "OrderViewed=skip, PriceChanged=park,",
+            {"OrderViewed": "skip", "PriceChanged": "park"},
+        ),
+    ],
+    ids=lambda value: str(value) if isinstance(value, str) else None,
+)
+def test_a_good_value_is_parsed_into_its_type(var: str, raw: str, expected: object) -> None:
+    settings = Settings.from_env({var: raw})
+
+    assert getattr(settings, var.removeprefix("OUTBOX_").lower()) == expected
+
+
+@pytest.mark.parametrize(("var", "raw", "expected"), BAD_VALUES, ids=map(_bad_id, BAD_VALUES))
+def test_a_bad_value_is_refused_with_one_line_naming_variable_value_and_expectation(
+    var: str, raw: str, expected: str
+) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.from_env({var: raw})
+
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{var}=")
+    assert repr(raw) in message
+    assert "expected" in message
+    assert expected in message
+    assert caught.value.__cause__ is None  # the parser's traceback is noise for an operator
+
+
+def test_the_first_bad_variable_is_the_one_named() -> None:
+    with pytest.raises(ConfigurationError, match="OUTBOX_BROKER_URL"):
+        Settings.from_env({"OUTBOX_BROKER_URL": "nope", "OUTBOX_CLEANUP_MODE": "purge"})
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        pytest.param(
+            {"OUTBOX_BACKOFF_BASE_SECONDS": "10", "OUTBOX_BACKOFF_MAX_SECONDS": "5"},
+            ("OUTBOX_BACKOFF_MAX_SECONDS", "OUTBOX_BACKOFF_BASE_SECONDS"),
+            id="backoff-max-below-base",
+        ),
+        pytest.param(
+            {"OUTBOX_LEASE_SECONDS": "5", "OUTBOX_PUBLISH_TASK_SECONDS": "5"},
+            ("OUTBOX_PUBLISH_TASK_SECONDS", "OUTBOX_LEASE_SECONDS"),
+            id="publish-task-equal-to-lease",
+        ),
+        pytest.param(
+            {"OUTBOX_LEASE_SECONDS": "3"},
+            ("OUTBOX_PUBLISH_TASK_SECONDS", "OUTBOX_LEASE_SECONDS"),
+            id="publish-task-longer-than-lease",
+        ),
+        pytest.param(
+            {"OUTBOX_CLEANUP_MODE": "archive"},
+            ("OUTBOX_ARCHIVE_URL", "OUTBOX_CLEANUP_MODE"),
+            id="archive-without-archive-url",
+        ),
+        pytest.param(
+            {"OUTBOX_CLEANUP_MODE": "archive", "OUTBOX_ARCHIVE_URL": "   "},
+            ("OUTBOX_ARCHIVE_URL", "OUTBOX_CLEANUP_MODE"),
+            id="archive-with-blank-archive-url",
+        ),
+    ],
+)
+def test_settings_that_contradict_each_other_are_refused_naming_both(
+    env: dict[str, str], names: tuple[str, ...]
+) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.from_env(env)
+
+    message = str(caught.value)
+    assert "\n" not in message
+    assert "expected" in message
+    for name in names:
+        assert name in message
+
+
+def test_consistent_cross_field_values_are_accepted() -> None:
+    settings = Settings.from_env(
+        {
+            "OUTBOX_BACKOFF_BASE_SECONDS": "2",
+            "OUTBOX_BACKOFF_MAX_SECONDS": "2",
+            "OUTBOX_LEASE_SECONDS": "10",
+            "OUTBOX_PUBLISH_TASK_SECONDS": "9.5",
+            "OUTBOX_CLEANUP_MODE": "archive",
+            "OUTBOX_ARCHIVE_URL": "/var/lib/outbox/archive",
+        }
+    )
+
+    assert settings.cleanup_mode == "archive"
+    assert settings.archive_url == "/var/lib/outbox/archive"
+
+
+def test_overrides_win_over_the_environment() -> None:
+    settings = Settings.from_env({"OUTBOX_PARTITIONS": "garbage"}, partitions=4)
+
+    assert settings.partitions == 4
+
+
+def test_with_changes_validates_the_copy_again() -> None:
+    settings = Settings()
+
+    assert settings.with_changes(batch_size=10).batch_size == 10
+    assert settings.batch_size == 500
+    with pytest.raises(ConfigurationError, match="OUTBOX_PUBLISH_TASK_SECONDS"):
+        settings.with_changes(lease_seconds=1.0)
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.partitions = 2  # type: ignore[misc]
+
+
+def test_every_setting_has_an_env_var_a_default_and_a_doc() -> None:
+    fields = dataclasses.fields(Settings)
+    rows = describe()
+
+    assert [var for var, _, _ in rows] == [env_var(f.name) for f in fields]
+    assert len({var for var, _, _ in rows}) == len(rows)
+    for var, _, doc in rows:
+        assert var.startswith("OUTBOX_")
+        assert var == var.upper()
+        assert doc.strip(), f"{var} has no description"
+
+
+def test_the_documented_defaults_parse_back_to_the_defaults() -> None:
+    """describe() is the configuration reference: what it shows must be a valid value."""
+    environ = {var: shown for var, shown, _ in describe()}
+
+    assert Settings.from_env(environ) == Settings()
+
+
+@pytest.mark.parametrize(
+    "var",
+    [
+        "OUTBOX_DATABASE_URL",
+        "OUTBOX_BROKER_URL",
+        "OUTBOX_PUBLISH_URL",
+        "OUTBOX_EXCHANGE",
+        "OUTBOX_PARTITIONS",
+        "OUTBOX_BATCH_SIZE",
+        "OUTBOX_POLL_INTERVAL_SECONDS",
+        "OUTBOX_LEASE_SECONDS",
+        "OUTBOX_MAX_RETRIES",
+        "OUTBOX_BACKOFF_BASE_SECONDS",
+        "OUTBOX_BACKOFF_MAX_SECONDS",
+        "OUTBOX_CLEANUP_MODE",
+        "OUTBOX_RETENTION_SECONDS",
+        "OUTBOX_METRICS_PORT",
+    ],
+)
+def test_the_contract_env_vars_exist(var: str) -> None:
+    assert var in {name for name, _, _ in describe()}
+
+
+@pytest.mark.parametrize(
+    ("database_url", "sqlalchemy_url", "libpq_url"),
+    [
+        pytest.param(
+            "postgresql://u:p@db:5432/outbox",
+            "postgresql+psycopg://u:p@db:5432/outbox",
+            "postgresql://u:p@db:5432/outbox",
+            id="postgresql",
+        ),
+        pytest.param(
+            "postgres://u@db/outbox",
+            "postgresql+psycopg://u@db/outbox",
+            "postgresql://u@db/outbox",
+            id="postgres",
+        ),
+        pytest.param(
+            "postgresql+psycopg://u@db/outbox?sslmode=require",
+            "postgresql+psycopg://u@db/outbox?sslmode=require",
+            "postgresql://u@db/outbox?sslmode=require",
+            id="postgresql+psycopg",
+        ),
+    ],
+)
+def test_the_database_url_is_rewritten_for_sqlalchemy_and_libpq(
+    database_url: str, sqlalchemy_url: str, libpq_url: str
+) -> None:
+    settings = Settings.from_env({"OUTBOX_DATABASE_URL": database_url})
+
+    assert settings.sqlalchemy_url == sqlalchemy_url
+    assert settings.libpq_url == libpq_url
+
+
+def test_events_go_to_the_broker_when_no_publish_url_is_set() -> None:
+    settings = Settings.from_env({"OUTBOX_BROKER_URL": "redis://broker:6379/1"})
+
+    assert settings.effective_publish_url == "redis://broker:6379/1"
+
+
+def test_events_go_to_the_publish_url_when_it_is_set() -> None:
+    settings = Settings.from_env(
+        {
+            "OUTBOX_BROKER_URL": "redis://broker:6379/1",
+            "OUTBOX_PUBLISH_URL": "amqp://guest:guest@rabbit:5672//",
+        }
+    )
+
+    assert settings.broker_url == "redis://broker:6379/1"
+    assert settings.effective_publish_url == "amqp://guest:guest@rabbit:5672//"
