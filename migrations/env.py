@@ -42,7 +42,10 @@ def run_migrations_online() -> None:
     engine = create_engine(
         _url(),
         poolclass=pool.NullPool,
-        connect_args={"application_name": "outbox_tasks.migrate", "options": "-c lock_timeout=30000"},
+        connect_args={
+            "application_name": "outbox_tasks.migrate",
+            "options": "-c lock_timeout=30000",
+        },
     )
     with engine.connect() as connection:
         context.configure(

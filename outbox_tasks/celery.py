@@ -25,7 +25,7 @@ from datetime import timedelta
 from typing import Any
 
 from celery import Celery
-from kombu import Exchange, Queue
+from kombu.entity import Exchange, Queue
 
 from outbox_tasks.errors import ConfigurationError
 from outbox_tasks.settings import Settings

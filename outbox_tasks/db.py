@@ -31,6 +31,7 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 
 def connect_args(settings: Settings, application_name: str | None = None) -> dict[str, Any]:
     """libpq options applied to every new connection."""
+
     def ms(seconds: float) -> int:
         return max(1, int(seconds * 1000))
 
@@ -79,9 +80,7 @@ def is_connection_error(error: BaseException) -> bool:
     """True for errors that say "the database is unreachable or timed out", not "bad SQL"."""
     if isinstance(error, exc.DBAPIError) and error.connection_invalidated:
         return True
-    if isinstance(error, exc.OperationalError | exc.InterfaceError | exc.TimeoutError):
-        return True
-    return False
+    return isinstance(error, exc.OperationalError | exc.InterfaceError | exc.TimeoutError)
 
 
 @contextmanager
@@ -93,7 +92,9 @@ def translate_errors(what: str) -> Iterator[None]:
         raise
     except (exc.DBAPIError, exc.TimeoutError) as error:
         if is_connection_error(error):
-            raise DatabaseUnavailable(f"{what}: database unavailable: {_first_line(error)}") from error
+            raise DatabaseUnavailable(
+                f"{what}: database unavailable: {_first_line(error)}"
+            ) from error
         raise
     except OSError as error:
         raise DatabaseUnavailable(f"{what}: database unavailable: {error}") from error

@@ -1,6 +1,7 @@
 """``outbox-tasks demo``: placeholder replaced below."""
+
 from __future__ import annotations
-import argparse
+
 from typing import Any
 
 

@@ -7,9 +7,10 @@ the producer keeps its own logging setup.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import sys
 import logging
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -40,10 +41,8 @@ def get_logger(name: str) -> logging.Logger:
 
 def event(logger: logging.Logger, level: int, action: str, msg: str, **fields: Any) -> None:
     """Log one event with its stable ``action`` and fields. Never raises."""
-    try:
+    with contextlib.suppress(Exception):  # logging must never break the relay
         logger.log(level, msg, extra={"action": action, **fields})
-    except Exception:  # noqa: BLE001 - logging must never break the relay
-        pass
 
 
 def configure(level: str | int = "INFO") -> None:

@@ -15,7 +15,21 @@ from outbox_tasks.store import Row
 
 # 5 ms .. 5 min: resolves both the wake-up path and a backlog draining.
 LATENCY_BUCKETS = (
-    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
 )
 
 
@@ -43,7 +57,9 @@ class RelayMetrics:
             **kw,  # type: ignore[arg-type]
         )
         self.lease_lost_total = Counter(
-            "outbox_lease_lost_total", "Leases lost while publishing.", **kw  # type: ignore[arg-type]
+            "outbox_lease_lost_total",
+            "Leases lost while publishing.",
+            **kw,  # type: ignore[arg-type]
         )
         self.batch_size = Histogram(
             "outbox_batch_size",
@@ -77,9 +93,7 @@ class RelayMetrics:
         seconds: float,
         latencies: Sequence[float],
     ) -> None:
-        tally = Tally(
-            (r.aggregate_type, r.event_type) for r in rows if str(r.id) in published
-        )
+        tally = Tally((r.aggregate_type, r.event_type) for r in rows if str(r.id) in published)
         for (aggregate_type, event_type), count in tally.items():
             self.published.labels(aggregate_type, event_type).inc(count)
         for value in latencies:

@@ -153,8 +153,8 @@ class BrokerPublisher:
             return
         try:
             conn.release()
-        except self._broker_errors:
-            # The broker is already gone; nothing is left to say goodbye to.
+        except Exception:
+            # Closing must not fail: whatever the broker's state, just let the sockets go.
             _forget(conn, self._timeout)
 
     def _ensure_link(self) -> _Link:
@@ -203,7 +203,7 @@ class BrokerPublisher:
                 f"broker {self._safe_url} unavailable while {what}: {_describe(exc)}"
             ) from exc
         except BaseException:
-            # Whatever broke mid-call (even our own BrokerUnavailable or a bug), the connection
+            # Whatever broke mid-call (a bug, a ConfigurationError, Ctrl-C), the connection
             # may hold half-read frames or stray confirms: never reuse it.
             self._drop()
             raise
@@ -463,7 +463,6 @@ class _AmqpLink:
         """Publish one message per aggregate, wait for every confirm; return nacked aggregates."""
         if not wave:
             return set()
-        self._unconfirmed.clear()
         self._nacked.clear()
         for index in wave:
             self._unconfirmed[self._next_tag] = index
@@ -480,7 +479,8 @@ class _AmqpLink:
         while self._unconfirmed:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise BrokerUnavailable(
+                # Reported by the caller as BrokerUnavailable, with the URL.
+                raise TimeoutError(
                     f"{len(self._unconfirmed)} of {len(wave)} publisher confirms not received "
                     f"within {self._timeout:g}s"
                 )

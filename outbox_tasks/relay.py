@@ -56,7 +56,11 @@ class Observer(Protocol):
     """Hooks the relay calls; metrics implement it. Exceptions from it are swallowed."""
 
     def batch_published(
-        self, partition: int, rows: Sequence[store.Row], published: set[str], seconds: float,
+        self,
+        partition: int,
+        rows: Sequence[store.Row],
+        published: set[str],
+        seconds: float,
         latencies: Sequence[float],
     ) -> None: ...
     def message_failed(self, error_type: str) -> None: ...
@@ -66,7 +70,11 @@ class Observer(Protocol):
 
 class NullObserver:
     def batch_published(
-        self, partition: int, rows: Sequence[store.Row], published: set[str], seconds: float,
+        self,
+        partition: int,
+        rows: Sequence[store.Row],
+        published: set[str],
+        seconds: float,
         latencies: Sequence[float],
     ) -> None:
         pass
@@ -90,7 +98,7 @@ class _SafeObserver:
     def call(self, name: str, *args: object) -> None:
         try:
             getattr(self._inner, name)(*args)
-        except Exception:  # noqa: BLE001 - observability must not take publishing down
+        except Exception:
             log.debug("observer %s failed", name, exc_info=True)
 
 
@@ -117,15 +125,26 @@ class Circuit:
         delay = min(self.max_seconds, self.base_seconds * 2 ** min(self.failures - 1, 20))
         self.open_until = self.clock() + delay
         if self.failures == 1:
-            event(log, logging.WARNING, "circuit_open", "broker unavailable; pausing publishing",
-                  error=str(error), retry_in_seconds=delay)
+            event(
+                log,
+                logging.WARNING,
+                "circuit_open",
+                "broker unavailable; pausing publishing",
+                error=str(error),
+                retry_in_seconds=delay,
+            )
             if self.on_change:
                 self.on_change(True)
 
     def record_success(self) -> None:
         if self.failures:
-            event(log, logging.INFO, "circuit_closed", "broker is back; publishing resumed",
-                  failed_attempts=self.failures)
+            event(
+                log,
+                logging.INFO,
+                "circuit_closed",
+                "broker is back; publishing resumed",
+                failed_attempts=self.failures,
+            )
             self.failures = 0
             self.open_until = 0.0
             if self.on_change:
@@ -186,9 +205,7 @@ class Relay:
             clock=clock,
         )
         if self.circuit.on_change is None:
-            self.circuit.on_change = lambda is_open: self._observer.call(
-                "circuit_changed", is_open
-            )
+            self.circuit.on_change = lambda is_open: self._observer.call("circuit_changed", is_open)
 
     # --- claim ------------------------------------------------------------------------------
 
@@ -206,19 +223,33 @@ class Relay:
             store.ensure_partition_row(conn, n, partition, lo, hi)
             lease = store.grant_lease(conn, n, partition, self.owner, self.settings.lease_seconds)
         if lease is not None:
-            event(log, logging.DEBUG, "lease_granted", "partition leased",
-                  partition=partition, partitions=n, epoch=lease.epoch)
+            event(
+                log,
+                logging.DEBUG,
+                "lease_granted",
+                "partition leased",
+                partition=partition,
+                partitions=n,
+                epoch=lease.epoch,
+            )
         return lease
 
     # --- publish ----------------------------------------------------------------------------
 
-    def publish(self, partition: int, epoch: int, partition_count: int | None = None) -> PublishReport:
+    def publish(
+        self, partition: int, epoch: int, partition_count: int | None = None
+    ) -> PublishReport:
         """Drain one leased partition for up to ``publish_task_seconds``."""
         n = partition_count or self.settings.partitions
         report = PublishReport(partition=partition, epoch=epoch)
         with translate_errors("publish"), self.engine.begin() as conn:
             lease = store.take_over_lease(
-                conn, n, partition, epoch, self.owner, self.settings.lease_seconds
+                conn,
+                partition_count=n,
+                partition=partition,
+                epoch=epoch,
+                owner=self.owner,
+                lease_seconds=self.settings.lease_seconds,
             )
             if lease is not None and self.circuit.is_open:
                 # Hand the partition straight back: holding it would only delay another
@@ -229,8 +260,14 @@ class Relay:
                 return report
         if lease is None:
             # Expired in the queue or already superseded: a newer claim owns the partition.
-            event(log, logging.INFO, "lease_stale", "publish task found its lease gone",
-                  partition=partition, epoch=epoch)
+            event(
+                log,
+                logging.INFO,
+                "lease_stale",
+                "publish task found its lease gone",
+                partition=partition,
+                epoch=epoch,
+            )
             return report
         deadline = self.clock() + self.settings.publish_task_seconds
         cursor = lease.cursor_slot
@@ -277,12 +314,23 @@ class Relay:
                 # Every candidate waits behind an earlier row it cannot take yet.
                 return None
             if not store.mark_inflight(
-                conn, lease, max(r.seq for r in batch), next_cursor, self.settings.lease_seconds
+                conn,
+                lease,
+                max_seq=max(r.seq for r in batch),
+                cursor_slot=next_cursor,
+                lease_seconds=self.settings.lease_seconds,
             ):
                 self._lost(lease, report)
                 return None
-        event(log, logging.DEBUG, "claim_batch", "batch selected",
-              partition=lease.partition, epoch=lease.epoch, rows=len(batch))
+        event(
+            log,
+            logging.DEBUG,
+            "claim_batch",
+            "batch selected",
+            partition=lease.partition,
+            epoch=lease.epoch,
+            rows=len(batch),
+        )
         started = self.clock()
         messages = [self._message(lease, row) for row in batch]
         result = self.publisher.publish_batch(messages)
@@ -292,7 +340,10 @@ class Relay:
         ok_ids = [row.id for row in batch if str(row.id) in published]
         with translate_errors("finish batch"), self.engine.begin() as conn:
             finish = store.finish_batch(
-                conn, lease, ok_ids, failures,
+                conn,
+                lease,
+                ok_ids,
+                failures,
                 delete_published=self.settings.cleanup_mode == "delete",
             )
         if not finish.fenced_ok:
@@ -308,22 +359,37 @@ class Relay:
                 (at - row.created_at).total_seconds() for row in batch if str(row.id) in published
             ]
         self._observer.call(
-            "batch_published", lease.partition, batch, published, self.clock() - started,
+            "batch_published",
+            lease.partition,
+            batch,
+            published,
+            self.clock() - started,
             latencies,
         )
         if failures:
-            event(log, logging.WARNING, "publish_failed", "messages failed; they will be retried",
-                  partition=lease.partition, failed=len(failures),
-                  parked=sum(1 for f in failures if f.delay_seconds is None),
-                  first_error=failures[0].error[:200])
-        event(log, logging.DEBUG, "publish_ok", "batch published",
-              partition=lease.partition, epoch=lease.epoch, published=finish.marked,
-              skipped=len(result.skipped))
+            event(
+                log,
+                logging.WARNING,
+                "publish_failed",
+                "messages failed; they will be retried",
+                partition=lease.partition,
+                failed=len(failures),
+                parked=sum(1 for f in failures if f.delay_seconds is None),
+                first_error=failures[0].error[:200],
+            )
+        event(
+            log,
+            logging.DEBUG,
+            "publish_ok",
+            "batch published",
+            partition=lease.partition,
+            epoch=lease.epoch,
+            published=finish.marked,
+            skipped=len(result.skipped),
+        )
         return next_cursor, full
 
-    def _unbroken_prefixes(
-        self, conn: Connection, rows: list[store.Row]
-    ) -> list[store.Row]:
+    def _unbroken_prefixes(self, conn: Connection, rows: list[store.Row]) -> list[store.Row]:
         """Keep, per aggregate, only rows with no earlier pending row outside the batch."""
         max_seq: dict[tuple[str, str], int] = {}
         for row in rows:
@@ -339,7 +405,8 @@ class Relay:
                     first_gap[key] = seq
                     break
         kept = [
-            row for row in rows
+            row
+            for row in rows
             if row.seq < first_gap.get((row.aggregate_type, row.aggregate_id), row.seq + 1)
         ]
         kept.sort(key=lambda r: r.seq)
@@ -363,9 +430,7 @@ class Relay:
             redelivered=redelivered,
         )
 
-    def _failures(
-        self, batch: Sequence[store.Row], failed: dict[str, str]
-    ) -> list[store.Failure]:
+    def _failures(self, batch: Sequence[store.Row], failed: dict[str, str]) -> list[store.Failure]:
         result = []
         for row in batch:
             error = failed.get(str(row.id))
@@ -392,6 +457,11 @@ class Relay:
     def _lost(self, lease: store.Lease, report: PublishReport) -> None:
         report.lease_lost = True
         self._observer.call("lease_lost", lease.partition)
-        event(log, logging.WARNING, "lease_lost",
-              "lease expired or taken over; this worker stops writing to the partition",
-              partition=lease.partition, epoch=lease.epoch)
+        event(
+            log,
+            logging.WARNING,
+            "lease_lost",
+            "lease expired or taken over; this worker stops writing to the partition",
+            partition=lease.partition,
+            epoch=lease.epoch,
+        )

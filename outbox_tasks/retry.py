@@ -35,7 +35,7 @@ def backoff_delay(
     ``failures`` counts the failures so far (1 for the first). ``jitter`` is a number in [0, 1)
     supplied by the caller, so the function stays pure and testable.
     """
-    ceiling = min(max_seconds, base_seconds * (2 ** min(failures - 1, 62)))
+    ceiling = min(max_seconds, base_seconds * (2.0 ** min(failures - 1, 62)))
     return ceiling / 2 + (ceiling / 2) * jitter
 
 
@@ -60,4 +60,4 @@ def decide(
 
 
 def system_jitter() -> float:
-    return random.random()  # noqa: S311 - jitter, not cryptography
+    return random.random()

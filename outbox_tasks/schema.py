@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import uuid
 from datetime import datetime
 from typing import Any
@@ -35,6 +36,8 @@ from outbox_tasks.errors import InvalidMessage, PayloadTooLarge
 log = logging.getLogger("outbox_tasks.producer")
 
 PAYLOAD_WARN_BYTES = 64 * 1024
+# json escapes NUL as \u0000; an odd run of backslashes before "u0000" is that escape.
+_ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 PAYLOAD_MAX_BYTES = 1024 * 1024
 MAX_NAME_LENGTH = 255
 
@@ -61,6 +64,10 @@ class XID8(UserDefinedType[int]):
 
     def get_col_spec(self, **kw: Any) -> str:
         return "xid8"
+
+    def result_processor(self, dialect: Any, coltype: Any) -> Any:
+        # psycopg has no loader for xid8 and returns its text form.
+        return lambda value: None if value is None else int(value)
 
 
 class Base(DeclarativeBase):
@@ -144,7 +151,10 @@ class OutboxMessage(Base):
         Index(
             "ix_outbox_blocked",
             "slot",
-            postgresql_where=text("published_at IS NULL AND next_attempt_at IS NOT NULL"),
+            postgresql_where=text(
+                "published_at IS NULL AND (next_attempt_at IS NOT NULL "
+                "OR dead_lettered_at IS NOT NULL)"
+            ),
         ),
         Index("ix_outbox_aggregate", "aggregate_type", "aggregate_id"),
         Index("ix_outbox_created_at", "created_at"),
@@ -191,7 +201,14 @@ def _aggregate_id_text(value: object) -> str:
 def validate_payload(payload: Any) -> int:
     """Check a payload and return its serialized size in bytes. Raises InvalidMessage."""
     try:
-        size = len(json.dumps(payload, separators=(",", ":"), allow_nan=False).encode())
+        # ensure_ascii=False: measure real UTF-8 bytes, as jsonb stores them.
+        serialized = json.dumps(payload, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+        size = len(serialized.encode())
+    except UnicodeEncodeError:
+        raise InvalidMessage(
+            "payload contains a lone surrogate character, which is not valid UTF-8 and which "
+            "PostgreSQL's jsonb refuses; fix the string's encoding"
+        ) from None
     except TypeError as exc:
         raise _json_type_error("payload", exc) from None
     except ValueError as exc:
@@ -199,6 +216,11 @@ def validate_payload(payload: Any) -> int:
             f"payload must be JSON-serializable: {exc}. NaN and Infinity are not JSON; "
             "send them as strings or null."
         ) from None
+    if _ESCAPED_NUL.search(serialized):
+        raise InvalidMessage(
+            "payload contains a NUL character (\\u0000), which PostgreSQL's jsonb refuses; "
+            "remove it or encode the binary data (base64)"
+        )
     if size > PAYLOAD_MAX_BYTES:
         raise PayloadTooLarge(
             f"payload is {size} bytes serialized; the limit is {PAYLOAD_MAX_BYTES} bytes (1 MB). "
@@ -219,11 +241,15 @@ def validate_headers(headers: Any) -> None:
         if not isinstance(key, str) or not key:
             raise InvalidMessage(f"header names must be non-empty strings, got {key!r}")
         if key.lower().startswith("outbox-"):
-            raise InvalidMessage(f"header {key!r} is reserved: outbox-* headers are set by the relay")
+            raise InvalidMessage(
+                f"header {key!r} is reserved: outbox-* headers are set by the relay"
+            )
     try:
         json.dumps(headers, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise _json_type_error("headers", exc if isinstance(exc, TypeError) else TypeError(exc)) from None
+        raise _json_type_error(
+            "headers", exc if isinstance(exc, TypeError) else TypeError(exc)
+        ) from None
 
 
 class OutboxPartition(Base):

@@ -8,6 +8,7 @@ value and what is expected, instead of failing later inside a task.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -52,7 +53,7 @@ def _seconds(*, allow_zero: bool = False) -> Callable[[str], float]:
             value = float(raw.strip())
         except ValueError:
             raise _Invalid(expected) from None
-        if value != value or value in (float("inf"), float("-inf")):
+        if not math.isfinite(value):
             raise _Invalid(expected)
         if value < 0 or (value == 0 and not allow_zero):
             raise _Invalid(expected)
@@ -159,8 +160,9 @@ class Settings:
         "Where events are published (Redis or RabbitMQ). Empty: the broker URL.",
     )
     exchange: str = _setting(
-        "outbox.events", _name, "Topic exchange events are published to; routing key "
-        "`<aggregate_type>.<event_type>`."
+        "outbox.events",
+        _name,
+        "Topic exchange events are published to; routing key `<aggregate_type>.<event_type>`.",
     )
     dead_letter_exchange: str = _setting(
         "outbox.dead", _name, "Topic exchange dead-lettered copies are published to."
@@ -259,7 +261,9 @@ class Settings:
     def sqlalchemy_url(self) -> str:
         """The database URL with the psycopg 3 driver, whatever scheme the user wrote."""
         scheme, rest = self.database_url.split("://", 1)
-        return f"postgresql+psycopg://{rest}" if scheme != "postgresql+psycopg" else self.database_url
+        return (
+            f"postgresql+psycopg://{rest}" if scheme != "postgresql+psycopg" else self.database_url
+        )
 
     @property
     def libpq_url(self) -> str:
@@ -291,7 +295,16 @@ class Settings:
         return settings
 
     def validate(self) -> None:
-        """Checks that span several settings."""
+        """Every value against its own rule (so values given in code are checked like env
+        values), then the checks that span several settings."""
+        for f in dataclasses.fields(self):
+            shown = _show(getattr(self, f.name))
+            try:
+                f.metadata["parse"](shown)
+            except _Invalid as exc:
+                raise ConfigurationError(
+                    f"{env_var(f.name)}={shown!r} is not valid: expected {exc}"
+                ) from None
         if self.backoff_max_seconds < self.backoff_base_seconds:
             raise ConfigurationError(
                 f"{env_var('backoff_max_seconds')}={self.backoff_max_seconds} is not valid: "
@@ -324,19 +337,21 @@ def env_var(field_name: str) -> str:
 
 def describe() -> list[tuple[str, str, str]]:
     """(env var, default, description) for every setting: the configuration reference."""
-    rows = []
     defaults = Settings()
-    for f in dataclasses.fields(Settings):
-        value = getattr(defaults, f.name)
-        if isinstance(value, bool):
-            shown = "true" if value else "false"
-        elif isinstance(value, dict):
-            shown = ",".join(f"{k}={v}" for k, v in value.items())
-        elif isinstance(value, float) and value.is_integer():
-            shown = str(int(value))
-        elif value is None:
-            shown = ""
-        else:
-            shown = str(value)
-        rows.append((env_var(f.name), shown, str(f.metadata["doc"])))
-    return rows
+    return [
+        (env_var(f.name), _show(getattr(defaults, f.name)), str(f.metadata["doc"]))
+        for f in dataclasses.fields(Settings)
+    ]
+
+
+def _show(value: object) -> str:
+    """A value as it would be written in its environment variable."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if value is None:
+        return ""
+    return str(value)

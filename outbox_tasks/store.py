@@ -157,6 +157,7 @@ _TAKE_OVER = text(
 
 def take_over_lease(
     conn: Connection,
+    *,
     partition_count: int,
     partition: int,
     epoch: int,
@@ -202,7 +203,7 @@ def release_lease(conn: Connection, lease: Lease) -> bool:
 
 
 def mark_inflight(
-    conn: Connection, lease: Lease, max_seq: int, cursor_slot: int, lease_seconds: float
+    conn: Connection, lease: Lease, *, max_seq: int, cursor_slot: int, lease_seconds: float
 ) -> bool:
     """Before a batch goes to the broker: renew the lease, record what is in flight and where the
     next scan starts. Committed before publishing, so a crash leaves the marker behind."""
@@ -234,7 +235,7 @@ def has_due_rows(conn: Connection, slot_lo: int, slot_hi: int) -> bool:
         conn.execute(
             text(
                 "SELECT EXISTS (SELECT 1 FROM outbox WHERE published_at IS NULL "
-                "AND slot >= :lo AND slot < :hi "
+                "AND slot >= :lo AND slot < :hi AND dead_lettered_at IS NULL "
                 "AND (next_attempt_at IS NULL OR next_attempt_at <= clock_timestamp()))"
             ),
             {"lo": slot_lo, "hi": slot_hi},
@@ -244,13 +245,32 @@ def has_due_rows(conn: Connection, slot_lo: int, slot_hi: int) -> bool:
 
 _SELECT_CANDIDATES = text(
     """
-    WITH blocked AS MATERIALIZED (
+    WITH guard AS MATERIALIZED (
+        -- Commit-order guard, in two parts. The design's: txid older than every transaction
+        -- running in the cluster. And its database-local form: older than every transaction
+        -- with an xid in THIS database (only those can write this outbox), so a long writer in
+        -- another database on the same server does not stall the relay. age() compares xids
+        -- within the wraparound window; live transactions are always inside it.
+        SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin,
+               COALESCE((
+                   SELECT max(a) FROM (
+                       SELECT age(backend_xid) AS a FROM pg_stat_activity
+                       WHERE datname = current_database() AND backend_xid IS NOT NULL
+                         AND pid <> pg_backend_pid()
+                       UNION ALL
+                       SELECT age(transaction) FROM pg_prepared_xacts
+                       WHERE database = current_database()
+                   ) AS running
+               ), -1) AS oldest_local_age
+    ),
+    blocked AS MATERIALIZED (
         -- Aggregates with a row in backoff or parked: their later rows must wait.
         SELECT aggregate_type, aggregate_id, min(seq) AS seq
         FROM outbox
-        WHERE published_at IS NULL AND next_attempt_at IS NOT NULL
+        WHERE published_at IS NULL
+          AND (next_attempt_at IS NOT NULL OR dead_lettered_at IS NOT NULL)
           AND slot >= :lo AND slot < :hi
-          AND next_attempt_at > clock_timestamp()
+          AND (next_attempt_at > clock_timestamp() OR dead_lettered_at IS NOT NULL)
         GROUP BY aggregate_type, aggregate_id
     )
     SELECT o.id, o.aggregate_type, o.aggregate_id, o.event_type, o.payload::text AS payload_json,
@@ -258,9 +278,12 @@ _SELECT_CANDIDATES = text(
     FROM outbox o
     WHERE o.published_at IS NULL
       AND o.slot >= :lo AND o.slot < :hi
+      AND o.dead_lettered_at IS NULL
       AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= clock_timestamp())
-      -- Commit-order guard: only rows of transactions older than every running transaction.
-      AND o.txid < pg_snapshot_xmin(pg_current_snapshot())
+      -- Commit-order guard: only rows of transactions older than every running transaction
+      -- that could still add an earlier row (see the guard CTE).
+      AND (o.txid < (SELECT xmin FROM guard)
+           OR age(o.txid::xid) > (SELECT oldest_local_age FROM guard))
       AND NOT EXISTS (
           SELECT 1 FROM blocked b
           WHERE b.aggregate_type = o.aggregate_type AND b.aggregate_id = o.aggregate_id
@@ -354,7 +377,8 @@ _FAILED_CTE = """
         SET retry_count = f.retry_count,
             last_error = f.error,
             first_failed_at = COALESCE(o.first_failed_at, clock_timestamp()),
-            next_attempt_at = CASE WHEN f.delay IS NULL THEN 'infinity'::timestamptz
+            -- Parked rows have no next attempt: dead_lettered_at holds their aggregate.
+            next_attempt_at = CASE WHEN f.delay IS NULL THEN NULL
                               ELSE clock_timestamp() + make_interval(secs => f.delay) END,
             dead_lettered_at = CASE WHEN f.delay IS NULL THEN clock_timestamp() END
         FROM unnest(CAST(:f_ids AS uuid[]), CAST(:f_counts AS integer[]),

@@ -43,7 +43,9 @@ class _ProcessRuntime:
             if self.metrics is None:
                 self.metrics = RelayMetrics()
             self.relay = Relay(
-                settings, engine, publisher,
+                settings,
+                engine,
+                publisher,
                 owner=f"{socket.gethostname()}:{self.pid}",
                 observer=self.metrics,
             )
@@ -54,9 +56,7 @@ runtime = _ProcessRuntime()
 
 
 def _enqueue_publish(partition: int, epoch: int, partition_count: int) -> None:
-    publish.apply_async(
-        args=(partition, epoch, partition_count), expires=settings.lease_seconds
-    )
+    publish.apply_async(args=(partition, epoch, partition_count), expires=settings.lease_seconds)
 
 
 def claim_and_dispatch(relay: Relay, partitions: list[int]) -> list[int]:
@@ -92,8 +92,14 @@ def publish(partition: int, epoch: int, partition_count: int) -> dict[str, Any]:
         report = relay.publish(partition, epoch, partition_count)
     except DatabaseUnavailable as error:
         # Nothing is lost: unmarked rows stay pending; the lease expires; a later claim resends.
-        event(log, logging.WARNING, "database_unavailable", "publish stopped", error=str(error),
-              partition=partition)
+        event(
+            log,
+            logging.WARNING,
+            "database_unavailable",
+            "publish stopped",
+            error=str(error),
+            partition=partition,
+        )
         return {"partition": partition, "epoch": epoch, "error": "database_unavailable"}
     if report.more and not report.circuit_open and not report.lease_lost:
         # Drain chaining: a full partition does not wait for the next beat tick.

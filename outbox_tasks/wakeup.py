@@ -25,8 +25,8 @@ def partitions_for(payloads: Iterable[str], partitions: int) -> set[int]:
     """Map NOTIFY payloads (comma-separated slots) to partitions; ignore garbage."""
     result: set[int] = set()
     for payload in payloads:
-        for item in payload.split(","):
-            item = item.strip()
+        for raw in payload.split(","):
+            item = raw.strip()
             if item.isdigit() and int(item) < 1024:
                 result.add(partition_of(int(item), partitions))
     return result
@@ -68,17 +68,24 @@ class WakeupListener:
             try:
                 self._listen()
                 delay = 0.5
-            except Exception as error:  # noqa: BLE001 - the listener must outlive any outage
+            except Exception as error:
                 self.listening.clear()
-                event(log, logging.WARNING, "wakeup_listener_error",
-                      "wake-up listener lost its connection; polling covers until it is back",
-                      error=str(error).strip()[:300], retry_in_seconds=delay)
+                event(
+                    log,
+                    logging.WARNING,
+                    "wakeup_listener_error",
+                    "wake-up listener lost its connection; polling covers until it is back",
+                    error=str(error).strip()[:300],
+                    retry_in_seconds=delay,
+                )
                 self._stop.wait(delay)
                 delay = min(delay * 2, 30.0)
 
     def _listen(self) -> None:
         with psycopg.connect(
-            self.conninfo, autocommit=True, application_name=self.application_name,
+            self.conninfo,
+            autocommit=True,
+            application_name=self.application_name,
             connect_timeout=10,
         ) as conn:
             conn.execute(f"LISTEN {CHANNEL}")
@@ -89,14 +96,16 @@ class WakeupListener:
                 if not payloads:
                     continue
                 if self.debounce_seconds > 0:
-                    payloads += [
-                        n.payload for n in conn.notifies(timeout=self.debounce_seconds)
-                    ]
+                    payloads += [n.payload for n in conn.notifies(timeout=self.debounce_seconds)]
                 wanted = partitions_for(payloads, self.partitions)
                 if wanted:
                     try:
                         self.on_partitions(wanted)
-                    except Exception as error:  # noqa: BLE001 - polling covers a failed wake-up
-                        event(log, logging.WARNING, "wakeup_dispatch_failed",
-                              "could not dispatch claims; the next tick will",
-                              error=str(error)[:300])
+                    except Exception as error:
+                        event(
+                            log,
+                            logging.WARNING,
+                            "wakeup_dispatch_failed",
+                            "could not dispatch claims; the next tick will",
+                            error=str(error)[:300],
+                        )

@@ -69,7 +69,9 @@ def _redis_db_number() -> Iterator[int]:
 
 @pytest.fixture
 def redis_db(_redis_db_number: int) -> Iterator[int]:
-    client = redis_lib.Redis(host=services.REDIS_HOST, port=services.REDIS_PORT, db=_redis_db_number)
+    client = redis_lib.Redis(
+        host=services.REDIS_HOST, port=services.REDIS_PORT, db=_redis_db_number
+    )
     client.flushdb()
     yield _redis_db_number
     client.flushdb()

@@ -18,8 +18,10 @@ def test_events_of_every_aggregate_arrive_in_sequence_order_through_three_worker
     settings: Settings, engine: Engine, tmp_path: Path
 ) -> None:
     settings = settings.with_changes(partitions=6, batch_size=50, poll_interval_seconds=0.5)
-    with collecting(settings.broker_url, settings.exchange) as consumer, \
-            cluster(settings, tmp_path) as c:
+    with (
+        collecting(settings.broker_url, settings.exchange) as consumer,
+        cluster(settings, tmp_path) as c,
+    ):
         workers = [c.worker(f"w{i}") for i in range(3)]
         beat = c.beat()
         for proc in [*workers, beat]:

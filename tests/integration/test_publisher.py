@@ -1,3 +1,5 @@
+# kombu is only partly annotated.
+# mypy: disable-error-code="no-untyped-call"
 """BrokerPublisher against real Redis and RabbitMQ, read back by plain kombu consumers.
 
 Every test uses its own exchange and queue names (uuid suffix) and deletes them afterwards;
@@ -19,8 +21,10 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 import redis
 import redis.client
-from kombu import Connection, Consumer, Exchange, Producer, Queue
+from kombu.connection import Connection
+from kombu.entity import Exchange, Queue
 from kombu.message import Message
+from kombu.messaging import Consumer, Producer
 
 from outbox_tasks.envelope import CONTENT_ENCODING, CONTENT_TYPE, OutboundMessage
 from outbox_tasks.errors import BrokerUnavailable, ConfigurationError
@@ -76,7 +80,10 @@ class Broker:
         self.url = url
         self.suffix = uuid.uuid4().hex[:10]
         self.exchange = Exchange(f"test.publisher.{self.suffix}", type="topic", durable=True)
-        self.conn = Connection(url)
+        # A short BRPOP makes closing a Redis consumer quick (it waits for the pending BRPOP).
+        self.conn = Connection(
+            url, transport_options={"polling_interval": 0.1} if kind == "redis" else {}
+        )
         self.queues: list[Queue] = []
         self.publishers: list[BrokerPublisher] = []
 
@@ -194,7 +201,9 @@ def test_a_batch_reaches_a_topic_bound_queue_in_order_as_ordinary_kombu_messages
         assert message.content_encoding == CONTENT_ENCODING
         assert message.properties["delivery_mode"] == 2
         assert message.delivery_info["routing_key"] == sent.routing_key
-        assert message.body == sent.body
+        # py-amqp hands a body with a content_encoding over already decoded; Redis does not.
+        body = message.body if isinstance(message.body, bytes) else message.body.encode()
+        assert body == sent.body
         assert message.decode() == json.loads(sent.body)
         assert json.loads(message.body)["note"] == "café ✓"
 
@@ -203,26 +212,29 @@ def test_messages_go_to_every_matching_queue_and_only_there(broker: Broker) -> N
     orders = broker.bind("Order.*")
     created = broker.bind("*.Created")
     everything = broker.bind("#")
-    batch = [event("o-1", 1, "Created"), event("o-1", 2, "Paid"), event("c-1", 1, "Created",
-             aggregate_type="Customer")]
+    order_created, order_paid = event("o-1", 1, "Created"), event("o-1", 2, "Paid")
+    customer_created = event("c-1", 1, "Created", aggregate_type="Customer")
+    # In wave order already (AMQP sends one message per aggregate at a time).
+    batch = [order_created, customer_created, order_paid]
 
     result = broker.publisher().publish_batch(batch)
 
     assert result.published == ids(batch)
     assert result.unroutable == 0
-    got = {name: broker.drain(q, expected) for name, q, expected in
-           [("orders", orders, 2), ("created", created, 2), ("everything", everything, 3)]}
-    assert [m.properties["message_id"] for m in got["orders"]] == ids(batch[:2])
-    assert [m.properties["message_id"] for m in got["created"]] == [batch[0].event_id,
-                                                                    batch[2].event_id]
-    assert [m.properties["message_id"] for m in got["everything"]] == ids(batch)
+
+    def received(queue: Queue, expected: int) -> list[str]:
+        return [m.properties["message_id"] for m in broker.drain(queue, expected)]
+
+    assert received(orders, 2) == ids([order_created, order_paid])
+    assert received(created, 2) == ids([order_created, customer_created])
+    assert received(everything, 3) == ids(batch)
 
 
 def test_a_message_whose_headers_cannot_be_encoded_fails_alone_and_skips_only_its_aggregate(
     broker: Broker,
 ) -> None:
     queue = broker.bind("#")
-    a1, a2, a3, a4 = (event("a", n) for n in range(1, 5))
+    a1, a3, a4 = event("a", 1), event("a", 3), event("a", 4)
     a2 = event("a", 2, headers={"not-encodable": object()})
     b1, b2 = event("b", 1), event("b", 2)
     batch = [a1, b1, a2, b2, a3, a4]
@@ -239,8 +251,10 @@ def test_a_message_whose_headers_cannot_be_encoded_fails_alone_and_skips_only_it
 
 def test_an_unroutable_message_is_dropped_and_counted_as_published(broker: Broker) -> None:
     queue = broker.bind("Order.*")
-    routed, lost, routed_after = event("o", 1), event("i", 1, aggregate_type="Invoice"), event(
-        "o", 2
+    routed, lost, routed_after = (
+        event("o", 1),
+        event("i", 1, aggregate_type="Invoice"),
+        event("o", 2),
     )
 
     result = broker.publisher().publish_batch([routed, lost, routed_after])
@@ -258,10 +272,11 @@ def test_one_publisher_reuses_its_connection_across_batches(broker: Broker) -> N
     publisher = broker.publisher()
     batches = [[event("o", 10 * b + n) for n in range(3)] for b in range(4)]
 
-    for batch in batches:
+    assert publisher.publish_batch(batches[0]).published == ids(batches[0])
+    connection = publisher._conn
+    for batch in batches[1:]:
         assert publisher.publish_batch(batch).published == ids(batch)
-        first_connection = publisher._conn if batch is batches[0] else first_connection
-        assert publisher._conn is first_connection
+        assert publisher._conn is connection
 
     received = broker.drain(queue, expected=12)
     assert [m.properties["message_id"] for m in received] == [
@@ -342,12 +357,14 @@ def test_a_broker_that_stops_answering_raises_broker_unavailable_within_the_time
     proxy = proxy_for(tcp_proxy, broker.url)
     url = through(proxy, broker.url)
     publisher = broker.publisher(url, timeout_seconds=TIMEOUT)
-    assert publisher.publish_batch([event("o", 1)]).published
+    first = event("o", 1)
+    assert publisher.publish_batch([first]).published == [first.event_id]
 
     proxy.blackhole()
+    during = [event("o", 2), event("p", 1)]
     started = time.monotonic()
     with pytest.raises(BrokerUnavailable):
-        publisher.publish_batch([event("o", 2), event("p", 1)])
+        publisher.publish_batch(during)
     assert time.monotonic() - started < TIMEOUT + SLACK
     # A new connection to a silent broker is bounded by the timeout too.
     fresh = broker.publisher(url, timeout_seconds=TIMEOUT)
@@ -357,16 +374,18 @@ def test_a_broker_that_stops_answering_raises_broker_unavailable_within_the_time
     assert time.monotonic() - started < TIMEOUT + SLACK
 
     proxy.restore()
-    last = [event("o", 3), event("p", 2)]
-    assert publisher.publish_batch(last).published == ids(last)
-    # What was held back may arrive too (at least once), but per-aggregate order holds.
-    received = [m.properties["message_id"] for m in broker.drain(queue, expected=3)]
-    assert set(ids(last)) <= set(received)
-    assert received.index(last[0].event_id) > received.index(publisher_first(received))
-
-
-def publisher_first(received: list[str]) -> str:
-    return received[0]
+    # As the relay does: the failed batch is retried, followed by newer events.
+    retried = [during[0], during[1], event("o", 3), event("p", 2)]
+    assert publisher.publish_batch(retried).published == ids(retried)
+    received = [m.properties["message_id"] for m in broker.drain(queue, expected=5)]
+    assert set(ids(retried)) <= set(received)
+    # Bytes held back by the silent broker may arrive as well (at least once), but the first
+    # time each event shows up, it is in its aggregate's order.
+    sequence = {m.event_id: (m.aggregate_id, m.sequence) for m in [first, *retried]}
+    firsts = list(dict.fromkeys(received))
+    for aggregate in ("o", "p"):
+        seen = [sequence[i][1] for i in firsts if sequence[i][0] == aggregate]
+        assert seen == sorted(seen)
 
 
 def test_close_is_idempotent_and_the_publisher_reconnects_after_it(broker: Broker) -> None:
@@ -528,12 +547,10 @@ def test_a_rabbitmq_nack_fails_that_message_and_skips_the_rest_of_its_aggregate(
 
     assert result.failed == {a2.event_id: "rejected by the broker (basic.nack)"}
     assert result.skipped == [a3.event_id]
-    assert sorted(result.published) == sorted(ids([a1, b1, b2]))
+    assert result.published == ids([a1, b1, b2])
     seen = [m.properties["message_id"] for m in amqp_broker.drain(observer, expected=3)]
-    # The nacked message may still reach other queues; what must never be sent is a3.
-    assert a3.event_id not in seen
-    assert [i for i in seen if i in ids([b1, b2])] == ids([b1, b2])
-    assert seen.index(a1.event_id) < (seen.index(a2.event_id) if a2.event_id in seen else 99)
+    # A nacked message may still have reached other queues; a3 must reach none.
+    assert [i for i in seen if i != a2.event_id] == ids([a1, b1, b2])
 
 
 def test_rabbitmq_confirms_are_awaited_per_wave_of_one_message_per_aggregate(
@@ -545,15 +562,15 @@ def test_rabbitmq_confirms_are_awaited_per_wave_of_one_message_per_aggregate(
     c1 = event("c", 1)
     publisher = amqp_broker.publisher()
     publisher.declare()
+    link: Any = publisher._link
+    publish = link._channel.basic_publish
     in_flight: list[int] = []
-    channel = publisher._link._channel  # type: ignore[union-attr]
-    publish = channel.basic_publish
 
     def spy(*args: Any, **kwargs: Any) -> Any:
-        in_flight.append(len(publisher._link._unconfirmed))  # type: ignore[union-attr]
+        in_flight.append(len(link._unconfirmed))  # this message's tag included
         return publish(*args, **kwargs)
 
-    monkeypatch.setattr(channel, "basic_publish", spy)
+    monkeypatch.setattr(link._channel, "basic_publish", spy)
 
     result = publisher.publish_batch([a1, a2, a3, b1, b2, c1])
 

@@ -4,6 +4,7 @@ demand and always cleaned up."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -24,7 +25,7 @@ def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
     for f in dataclasses.fields(Settings):
         value: Any = getattr(settings, f.name)
-        if value is None or value == {} or value == "":
+        if value is None or value in ("", {}):
             continue
         if isinstance(value, bool):
             value = "true" if value else "false"
@@ -73,10 +74,8 @@ class Proc:
         except ProcessLookupError:
             pass
         # Pool children left behind by a main process that died first.
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def pool_children(self) -> list[int]:
         out = subprocess.run(
@@ -92,13 +91,18 @@ class Cluster:
         self.extra_env = extra_env
         self.procs: list[Proc] = []
 
-    def _spawn(self, name: str, args: list[str], settings: Settings | None = None,
-               **extra: str) -> Proc:
+    def _spawn(
+        self, name: str, args: list[str], settings: Settings | None = None, **extra: str
+    ) -> Proc:
         log_path = self.workdir / f"{name}.log"
         env = settings_env(settings or self.settings, **{**self.extra_env, **extra})
         with open(log_path, "ab") as log:
             popen = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
+                args,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.workdir,
                 start_new_session=True,
             )
         proc = Proc(name, popen, log_path)
@@ -106,11 +110,26 @@ class Cluster:
         return proc
 
     def worker(
-        self, name: str, *, concurrency: int = 1, queues: str | None = None,
-        settings: Settings | None = None, **extra: str,
+        self,
+        name: str,
+        *,
+        concurrency: int = 1,
+        queues: str | None = None,
+        settings: Settings | None = None,
+        **extra: str,
     ) -> Proc:
-        args = [*CELERY, "worker", "-n", f"{name}@%h", "-c", str(concurrency),
-                "--loglevel", "INFO", "--without-gossip", "--without-mingle"]
+        args = [
+            *CELERY,
+            "worker",
+            "-n",
+            f"{name}@%h",
+            "-c",
+            str(concurrency),
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+        ]
         if queues:
             args += ["-Q", queues]
         return self._spawn(name, args, settings, **extra)

@@ -98,7 +98,9 @@ def test_payloads_that_are_not_objects_are_spliced_too() -> None:
 
 
 def test_the_body_is_utf8_json_even_with_awkward_names() -> None:
-    message = _build(aggregate_type='Ord"er', aggregate_id="caf\u00e9/\\1", event_type="Cr\u00e9\u00e9")
+    message = _build(
+        aggregate_type='Ord"er', aggregate_id="caf\u00e9/\\1", event_type="Cr\u00e9\u00e9"
+    )
 
     body = json.loads(message.body.decode("utf-8"))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import uuid
 
 import pytest
@@ -27,7 +28,7 @@ def test_slot_ranges_cover_every_slot_contiguously_without_overlap(partitions: i
 
     assert ranges[0][0] == 0
     assert ranges[-1][1] == SLOT_COUNT
-    for (_, hi), (lo, _) in zip(ranges, ranges[1:], strict=False):
+    for (_, hi), (lo, _) in itertools.pairwise(ranges):
         assert hi == lo
     for lo, hi in ranges:
         assert lo < hi
@@ -66,7 +67,9 @@ def test_a_partition_outside_the_count_is_refused(partition: int, partitions: in
     ("aggregate_type", "aggregate_id", "slot"),
     [("Order", "1", 102), ("Order", "2", 206), ("Order", "42", 853)],
 )
-def test_slot_of_is_pinned_to_known_values(aggregate_type: str, aggregate_id: str, slot: int) -> None:
+def test_slot_of_is_pinned_to_known_values(
+    aggregate_type: str, aggregate_id: str, slot: int
+) -> None:
     """These values are what PostgreSQL's generated column computes; changing the hash would move
     every stored aggregate to another partition."""
     assert slot_of(aggregate_type, aggregate_id) == slot

@@ -81,7 +81,9 @@ def test_the_aggregate_id_is_stored_as_text(aggregate_id: object, stored: str) -
 def test_an_aggregate_id_of_another_type_is_refused_naming_the_type(
     aggregate_id: object, type_name: str
 ) -> None:
-    with pytest.raises(InvalidMessage, match=f"aggregate_id must be a str, int or UUID, got {type_name}"):
+    with pytest.raises(
+        InvalidMessage, match=f"aggregate_id must be a str, int or UUID, got {type_name}"
+    ):
         _message(aggregate_id=aggregate_id)
 
 
@@ -254,3 +256,20 @@ def test_a_later_schema_version_is_kept() -> None:
 def test_invalid_messages_are_value_errors_for_callers_that_catch_those() -> None:
     with pytest.raises(ValueError):
         _message(event_type="")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param({"note": "a\x00b"}, id="nul-in-a-value"),
+        pytest.param({"a\x00b": 1}, id="nul-in-a-key"),
+        pytest.param({"note": "\ud800"}, id="lone-surrogate"),
+    ],
+)
+def test_a_payload_postgresql_cannot_store_as_jsonb_is_refused(payload: object) -> None:
+    with pytest.raises(InvalidMessage):
+        _message(payload=payload)
+
+
+def test_the_payload_size_is_its_utf8_size() -> None:
+    assert validate_payload("\u00e9" * 10) == len(('"' + "\u00e9" * 10 + '"').encode())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -18,7 +19,7 @@ def _delay(failures: int, jitter: float, *, base: float = 1.0, cap: float = 300.
 def test_the_backoff_ceiling_doubles_with_every_failure() -> None:
     ceilings = [_delay(failures, ALMOST_ONE, base=0.5, cap=1e9) for failures in range(1, 9)]
 
-    for previous, current in zip(ceilings, ceilings[1:], strict=False):
+    for previous, current in itertools.pairwise(ceilings):
         assert current == pytest.approx(2 * previous)
     assert ceilings[0] == pytest.approx(0.5)
 
@@ -26,7 +27,7 @@ def test_the_backoff_ceiling_doubles_with_every_failure() -> None:
 @pytest.mark.parametrize(
     ("failures", "ceiling"),
     [(1, 1.0), (2, 2.0), (3, 4.0), (9, 256.0), (10, 300.0), (11, 300.0), (50, 300.0)],
-    ids=lambda value: f"{value}",
+    ids=["1st", "2nd", "3rd", "9th", "10th-capped", "11th-capped", "50th-capped"],
 )
 def test_the_backoff_is_capped_at_max_seconds(failures: int, ceiling: float) -> None:
     assert _delay(failures, 0.0) == pytest.approx(ceiling / 2)
@@ -108,8 +109,10 @@ def test_retry_delays_grow_with_the_retry_count() -> None:
     assert delays == [0.5, 1.0, 2.0, 4.0, 8.0]
 
 
-@pytest.mark.parametrize("failures", [1, 2, 63, 64, 1_000, 10**6, 10**18])
-@pytest.mark.parametrize("jitter", [0.0, ALMOST_ONE])
+@pytest.mark.parametrize(
+    "failures", [1, 2, 63, 64, 1_000, 10**6, 10**18], ids=lambda n: f"{n}-failures"
+)
+@pytest.mark.parametrize("jitter", [0.0, ALMOST_ONE], ids=["no-jitter", "full-jitter"])
 def test_huge_failure_counts_neither_overflow_nor_go_negative(failures: int, jitter: float) -> None:
     delay = _delay(failures, jitter, base=0.001, cap=3600.0)
 

@@ -43,7 +43,7 @@ BAD_VALUES: list[tuple[str, str, str]] = [
 ]
 
 
-def _bad_id(case: tuple[str, str, str]) -> str:
+def _case_id(case: tuple[str, str, object]) -> str:
     var, value, _ = case
     return f"{var.removeprefix('OUTBOX_').lower()}={value or '<empty>'}"
 
@@ -74,27 +74,28 @@ def test_the_process_environment_is_read_when_no_mapping_is_given(
     assert Settings.from_env().partitions == 16
 
 
+GOOD_VALUES: list[tuple[str, str, object]] = [
+    ("OUTBOX_PARTITIONS", " 16 ", 16),
+    ("OUTBOX_PARTITIONS", "1024", 1024),
+    ("OUTBOX_MAX_RETRIES", "0", 0),
+    ("OUTBOX_POLL_INTERVAL_SECONDS", "0.25", 0.25),
+    ("OUTBOX_WAKEUP_DEBOUNCE_SECONDS", "0", 0.0),
+    ("OUTBOX_WAKEUP_ENABLED", "off", False),
+    ("OUTBOX_WAKEUP_ENABLED", "YES", True),
+    ("OUTBOX_CLEANUP_MODE", "Delete", "delete"),
+    ("OUTBOX_DATABASE_URL", "postgres://u@db/outbox", "postgres://u@db/outbox"),
+    ("OUTBOX_BROKER_URL", "amqp://guest:guest@mq:5672//", "amqp://guest:guest@mq:5672//"),
+    ("OUTBOX_PUBLISH_URL", "", None),
+    (
+        "OUTBOX_EVENT_TYPE_POLICIES",
+        "OrderViewed=skip, PriceChanged=park,",
+        {"OrderViewed": "skip", "PriceChanged": "park"},
+    ),
+]
+
+
 @pytest.mark.parametrize(
-    ("var", "raw", "expected"),
-    [
-        ("OUTBOX_PARTITIONS", " 16 ", 16),
-        ("OUTBOX_PARTITIONS", "1024", 1024),
-        ("OUTBOX_MAX_RETRIES", "0", 0),
-        ("OUTBOX_POLL_INTERVAL_SECONDS", "0.25", 0.25),
-        ("OUTBOX_WAKEUP_DEBOUNCE_SECONDS", "0", 0.0),
-        ("OUTBOX_WAKEUP_ENABLED", "off", False),
-        ("OUTBOX_WAKEUP_ENABLED", "YES", True),
-        ("OUTBOX_CLEANUP_MODE", "Delete", "delete"),
-        ("OUTBOX_DATABASE_URL", "postgres://u@db/outbox", "postgres://u@db/outbox"),
-        ("OUTBOX_BROKER_URL", "amqp://guest:guest@mq:5672//", "amqp://guest:guest@mq:5672//"),
-        ("OUTBOX_PUBLISH_URL", "", None),
-        (
-            "OUTBOX_EVENT_TYPE_POLICIES",
-            "OrderViewed=skip, PriceChanged=park,",
-            {"OrderViewed": "skip", "PriceChanged": "park"},
-        ),
-    ],
-    ids=lambda value: str(value) if isinstance(value, str) else None,
+    ("var", "raw", "expected"), GOOD_VALUES, ids=[_case_id(c) for c in GOOD_VALUES]
 )
 def test_a_good_value_is_parsed_into_its_type(var: str, raw: str, expected: object) -> None:
     settings = Settings.from_env({var: raw})
@@ -102,7 +103,9 @@ def test_a_good_value_is_parsed_into_its_type(var: str, raw: str, expected: obje
     assert getattr(settings, var.removeprefix("OUTBOX_").lower()) == expected
 
 
-@pytest.mark.parametrize(("var", "raw", "expected"), BAD_VALUES, ids=map(_bad_id, BAD_VALUES))
+@pytest.mark.parametrize(
+    ("var", "raw", "expected"), BAD_VALUES, ids=[_case_id(c) for c in BAD_VALUES]
+)
 def test_a_bad_value_is_refused_with_one_line_naming_variable_value_and_expectation(
     var: str, raw: str, expected: str
 ) -> None:

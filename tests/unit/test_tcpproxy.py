@@ -308,8 +308,8 @@ def test_redis_ping_works_through_the_proxy_fails_after_cut_and_works_after_rest
     tcp_proxy: Callable[[str, int], TcpProxy],
 ) -> None:
     redis = pytest.importorskip("redis")
-    from redis.backoff import NoBackoff  # noqa: PLC0415
-    from redis.retry import Retry  # noqa: PLC0415
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
 
     try:
         direct = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=1)
