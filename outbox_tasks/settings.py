@@ -323,6 +323,15 @@ class Settings:
                 f"{env_var('cleanup_mode')}=archive"
             )
 
+    def to_env(self) -> dict[str, str]:
+        """The ``OUTBOX_*`` variables that reproduce these settings in another process."""
+        env = {}
+        for f in dataclasses.fields(self):
+            shown = _show(getattr(self, f.name))
+            if shown:
+                env[env_var(f.name)] = shown
+        return env
+
     def with_changes(self, **changes: Any) -> Settings:
         """A copy with some values changed (validated again)."""
         settings = dataclasses.replace(self, **changes)

@@ -14,24 +14,15 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-from outbox_tasks.settings import Settings, env_var
+from outbox_tasks.settings import Settings
 
 CELERY = [sys.executable, "-m", "celery", "-A", "outbox_tasks"]
 
 
 def settings_env(settings: Settings, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
-    for f in dataclasses.fields(Settings):
-        value: Any = getattr(settings, f.name)
-        if value is None or value in ("", {}):
-            continue
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        elif isinstance(value, dict):
-            value = ",".join(f"{k}={v}" for k, v in value.items())
-        env[env_var(f.name)] = str(value)
+    env.update(settings.to_env())
     env.update(extra)
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
