@@ -13,6 +13,29 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from outbox_tasks.store import Row
 
+# Every metric outbox_tasks exports: (name, type, labels). Dashboards and alert rules may use only
+# these (a test checks it); histogram series add _bucket/_sum/_count, counters _total is in the name.
+METRIC_CATALOG: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("outbox_pending_messages", "gauge", ()),
+    ("outbox_oldest_pending_age_seconds", "gauge", ()),
+    ("outbox_dead_letter_messages", "gauge", ()),
+    ("outbox_parked_aggregates", "gauge", ()),
+    ("outbox_partitions_unowned", "gauge", ()),
+    ("outbox_table_dead_tuples", "gauge", ()),
+    ("outbox_table_last_autovacuum_timestamp_seconds", "gauge", ()),
+    ("outbox_relay_last_success_timestamp_seconds", "gauge", ()),
+    ("outbox_circuit_open", "gauge", ()),
+    ("outbox_lease_lost_total", "counter", ()),
+    ("outbox_publish_errors_total", "counter", ("error_type",)),
+    ("outbox_messages_published_total", "counter", ("aggregate_type", "event_type")),
+    ("outbox_publish_latency_seconds", "histogram", ()),
+    ("outbox_batch_size", "histogram", ()),
+    ("outbox_batch_duration_seconds", "histogram", ()),
+    ("outbox_consumer_messages_total", "counter", ("group", "outcome")),
+    ("outbox_consumer_lag_messages", "gauge", ("group",)),
+    ("outbox_consumer_oldest_message_age_seconds", "gauge", ("group",)),
+)
+
 # 5 ms .. 5 min: resolves both the wake-up path and a backlog draining.
 LATENCY_BUCKETS = (
     0.005,

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtualenv and install outbox_tasks with its dev extra.
+# Prints the venv path. VENV overrides the location (default: .venv in the project root).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV" >&2
+fi
+"$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
+"$VENV/bin/python" -m pip install --quiet -e ".[dev]" >&2
+echo "$VENV"
