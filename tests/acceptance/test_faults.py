@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -258,7 +259,7 @@ def test_a_frozen_worker_whose_lease_was_taken_over_changes_no_row_after_the_tak
             takeover = taken_over()
             assert takeover is not None
             grants = [h for h in lease_history(engine) if h["epoch"] > frozen_epoch]
-            takeover_at = min(h["at"] for h in grants)
+            takeover_at = min(h["granted_at"] for h in grants)
             assert takeover_at >= lease["leased_until"], (takeover_at, lease)
             print(
                 f"taken over at {since(began)} s (epoch {takeover['epoch']}, "
@@ -314,6 +315,29 @@ def test_a_frozen_worker_whose_lease_was_taken_over_changes_no_row_after_the_tak
         ]
         assert zombie == [], zombie[:5]
         duplicates = consumer.duplicates()
+        # Was the fence what stopped the stale batch? Its rows (sent with the frozen epoch, not
+        # marked by the frozen worker) count as "decisive" when the successor marked them only
+        # after the frozen worker had tried and logged that it lost the lease: until then they
+        # were unpublished, so only the epoch check kept the stale write from marking them.
+        lost_at = min(
+            datetime.fromisoformat(a["ts"])
+            for a in actions(frozen)
+            if a["action"] in ("lease_lost", "lease_stale")
+        )
+        frozen_marked = {str(r["event_id"]) for r in audit if r["app"] == "fault.frozen"}
+        stale = {
+            m.id for m in consumer.snapshot() if m.headers.get("outbox-epoch") == frozen_epoch
+        } - frozen_marked
+        marked_at = {
+            str(r["event_id"]): r["at"]
+            for r in audit
+            if r["old_published_at"] is None and r["new_published_at"] is not None
+        }
+        decisive = sum(1 for i in stale if marked_at[i] > lost_at)
+        print(
+            f"stale batch: {len(stale)} rows sent under epoch {frozen_epoch} without being "
+            f"marked by it, {decisive} of them still unpublished when it tried to mark them"
+        )
         lost = [
             a["action"] for a in actions(frozen) if a["action"] in ("lease_lost", "lease_stale")
         ]
