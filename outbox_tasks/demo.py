@@ -56,7 +56,9 @@ def add_demo_parser(sub: Any) -> None:
         default=0,
         help="seconds to produce before draining and stopping (0: until Ctrl-C)",
     )
-    demo.add_argument("--rate", type=float, default=100, help="orders per second, 2 events each (default 100)")
+    demo.add_argument(
+        "--rate", type=float, default=100, help="orders per second, 2 events each (default 100)"
+    )
     demo.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
     demo.add_argument("--flower-port", type=int, default=5555, help="Flower port (0: no Flower)")
     demo.add_argument("--no-tty", action="store_true", help="plain progress lines, no redraw")

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from outbox_tasks.store import Row
 
 # Every metric outbox_tasks exports: (name, type, labels). Dashboards and alert rules may use only
-# these (a test checks it); histogram series add _bucket/_sum/_count, counters _total is in the name.
+# these (a test checks it). Histograms add _bucket/_sum/_count; counter names include _total.
 METRIC_CATALOG: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("outbox_pending_messages", "gauge", ()),
     ("outbox_oldest_pending_age_seconds", "gauge", ()),
