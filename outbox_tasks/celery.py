@@ -52,6 +52,11 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "schedule": timedelta(seconds=settings.poll_interval_seconds),
             "options": {"expires": max(settings.poll_interval_seconds * 3, 1.0)},
         },
+        "outbox.dead_letter": {
+            "task": "outbox.dead_letter",
+            "schedule": timedelta(seconds=settings.dead_letter_interval_seconds),
+            "options": {"expires": settings.dead_letter_interval_seconds * 3},
+        },
     }
 
 

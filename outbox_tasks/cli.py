@@ -90,6 +90,160 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if status.healthy else 1
 
 
+def _engine(args: argparse.Namespace) -> Any:
+    from outbox_tasks.db import make_engine
+
+    return make_engine(_settings(args), application_name="outbox_tasks.cli", pool_size=1)
+
+
+def _filters(args: argparse.Namespace) -> Any:
+    from datetime import datetime
+
+    from outbox_tasks.deadletter import Filters, parse_ids
+
+    since = None
+    if getattr(args, "since", None):
+        try:
+            since = datetime.fromisoformat(args.since)
+        except ValueError:
+            raise ConfigurationError(
+                f"--since {args.since!r} is not a date: use ISO 8601, e.g. 2026-11-28T09:00"
+            ) from None
+    aggregate_type = aggregate_id = None
+    if getattr(args, "aggregate", None):
+        aggregate_type, sep, aggregate_id = args.aggregate.partition("/")
+        if not sep or not aggregate_type or not aggregate_id:
+            raise ConfigurationError(
+                f"--aggregate {args.aggregate!r}: expected TYPE/ID, e.g. Order/42"
+            )
+    return Filters(
+        ids=parse_ids(getattr(args, "ids", None) or []),
+        aggregate_type=aggregate_type or getattr(args, "aggregate_type", None),
+        aggregate_id=aggregate_id,
+        event_type=getattr(args, "event_type", None),
+        since=since,
+        everything=bool(getattr(args, "all", False)),
+    )
+
+
+def _confirm(args: argparse.Namespace, question: str) -> bool:
+    if args.yes or args.dry_run:
+        return True
+    if not sys.stdin.isatty():
+        print(
+            f"outbox-tasks: {question} Refusing without a terminal; pass --yes to confirm.",
+            file=sys.stderr,
+        )
+        return False
+    answer = input(f"{question} [y/N] ").strip().lower()
+    return answer in ("y", "yes")
+
+
+def cmd_dlq(args: argparse.Namespace) -> int:
+    from outbox_tasks import deadletter
+
+    engine = _engine(args)
+    try:
+        if args.dlq_command == "list":
+            rows = deadletter.list_dead_letters(
+                engine,
+                _filters(args),
+                status=None if args.status == "any" else args.status,
+                limit=args.limit,
+                offset=args.offset,
+            )
+            if args.json:
+                print(json.dumps([r.as_dict() for r in rows], indent=2, default=str))
+            else:
+                print(
+                    f"{'id':36}  {'aggregate':28}  {'event type':20} {'status':9} "
+                    f"{'tries':>5}  last error"
+                )
+                for r in rows:
+                    aggregate = f"{r.aggregate_type}/{r.aggregate_id}"[:28]
+                    print(
+                        f"{r.id}  {aggregate:28}  {r.event_type[:20]:20} {r.status:9} "
+                        f"{r.attempts:>5}  {(r.last_error or '')[:60]}"
+                    )
+                if len(rows) == args.limit:
+                    print(f"(more: --offset {args.offset + args.limit})")
+            return 0
+        if args.dlq_command == "show":
+            view = deadletter.show(engine, deadletter.parse_ids([args.id])[0])
+            print(json.dumps(view.as_dict(), indent=2, default=str))
+            return 0
+        if args.dlq_command == "history":
+            print(json.dumps(deadletter.history(engine, limit=args.limit), indent=2, default=str))
+            return 0
+        filters = _filters(args)
+        if args.dlq_command == "replay":
+            if filters.everything and not _confirm(args, "Replay every matching dead letter?"):
+                return 1
+            result = deadletter.replay(
+                engine,
+                filters,
+                actor=args.actor,
+                reason=args.reason,
+                dry_run=args.dry_run,
+                rate_per_second=args.rate,
+            )
+        else:
+            if not _confirm(args, "Discard the matching dead letters (they will not be sent)?"):
+                return 1
+            result = deadletter.discard(
+                engine, filters, actor=args.actor, reason=args.reason, dry_run=args.dry_run
+            )
+        print(json.dumps(result.as_dict(), indent=2))
+        return 0
+    finally:
+        engine.dispose()
+
+
+def _add_dlq_parser(sub: Any, db_help: str) -> None:
+    from outbox_tasks.deadletter import default_actor
+
+    dlq = sub.add_parser("dlq", help="dead letters: list, show, replay, discard, history")
+    dlq_sub = dlq.add_subparsers(dest="dlq_command", required=True)
+
+    def common(p: argparse.ArgumentParser, filters: bool = True) -> None:
+        p.add_argument("--database-url", help=db_help)
+        if filters:
+            p.add_argument("--aggregate", help="TYPE/ID, e.g. Order/42")
+            p.add_argument("--aggregate-type", help="e.g. Order")
+            p.add_argument("--event-type", help="e.g. OrderPaid")
+            p.add_argument("--since", help="dead-lettered at or after (ISO 8601)")
+
+    p = dlq_sub.add_parser("list", help="dead letters, oldest first")
+    common(p)
+    p.add_argument(
+        "--status", default="parked", choices=["parked", "skipped", "replayed", "discarded", "any"]
+    )
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--offset", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    p = dlq_sub.add_parser("show", help="one dead letter: payload, headers, attempts, errors")
+    common(p, filters=False)
+    p.add_argument("id")
+    p = dlq_sub.add_parser("history", help="the audit trail of replays and discards")
+    common(p, filters=False)
+    p.add_argument("--limit", type=int, default=50)
+    for name, what in (
+        ("replay", "put back in line, in original order"),
+        ("discard", "drop for good (the copy stays); unparks the aggregate"),
+    ):
+        p = dlq_sub.add_parser(name, help=what)
+        common(p)
+        p.add_argument("ids", nargs="*", help="event ids")
+        p.add_argument("--all", action="store_true", help="every dead letter the filters match")
+        p.add_argument("--dry-run", action="store_true", help="show what would change")
+        p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+        p.add_argument("--actor", default=default_actor(), help="recorded in the audit trail")
+        p.add_argument("--reason", required=name == "discard", help="recorded in the audit trail")
+        if name == "replay":
+            p.add_argument("--rate", type=float, default=50.0, help="replays per second")
+    dlq.set_defaults(func=cmd_dlq)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outbox-tasks",
@@ -117,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="validate OUTBOX_* variables and print the settings")
     config.add_argument("--markdown", action="store_true", help="print the reference table")
     config.set_defaults(func=cmd_config)
+
+    _add_dlq_parser(sub, db_help)
 
     from outbox_tasks.demo import add_demo_parser
 

@@ -10,9 +10,10 @@ from typing import Any
 
 from celery import bootsteps
 
+from outbox_tasks import deadletter
 from outbox_tasks.celery import app, settings
-from outbox_tasks.db import make_engine
-from outbox_tasks.errors import DatabaseUnavailable
+from outbox_tasks.db import make_engine, translate_errors
+from outbox_tasks.errors import BrokerUnavailable, DatabaseUnavailable
 from outbox_tasks.logs import configure, event, get_logger
 from outbox_tasks.metrics import RelayMetrics
 from outbox_tasks.publisher import BrokerPublisher
@@ -29,6 +30,19 @@ class _ProcessRuntime:
         self.pid: int | None = None
         self.relay: Relay | None = None
         self.metrics: RelayMetrics | None = None
+        self.dead_publisher: BrokerPublisher | None = None
+        self.dead_publisher_pid: int | None = None
+
+    def get_dead_publisher(self) -> BrokerPublisher:
+        """Publisher to the dead-letter exchange, per process."""
+        if self.dead_publisher is None or self.dead_publisher_pid != os.getpid():
+            self.dead_publisher_pid = os.getpid()
+            self.dead_publisher = BrokerPublisher(
+                settings.effective_publish_url,
+                settings.dead_letter_exchange,
+                timeout_seconds=settings.broker_timeout_seconds,
+            )
+        return self.dead_publisher
 
     def get(self) -> Relay:
         if self.relay is None or self.pid != os.getpid():
@@ -105,6 +119,21 @@ def publish(partition: int, epoch: int, partition_count: int) -> dict[str, Any]:
         # Drain chaining: a full partition does not wait for the next beat tick.
         claim.apply_async(args=(partition,), expires=max(settings.poll_interval_seconds * 3, 1.0))
     return report.as_dict()
+
+
+@app.task(name="outbox.dead_letter")
+def dead_letter() -> dict[str, Any]:
+    """Record exhausted messages, publish their copies to the dead-letter exchange, drop the
+    rows of skip-policy event types (their aggregates flow on)."""
+    relay = runtime.get()
+    try:
+        with translate_errors("dead_letter"):
+            return deadletter.collect(relay.engine, settings, runtime.get_dead_publisher())
+    except (DatabaseUnavailable, BrokerUnavailable) as error:
+        event(
+            log, logging.WARNING, "dead_letter_skipped", "dead-letter run skipped", error=str(error)
+        )
+        return {"error": type(error).__name__}
 
 
 class WakeupStep(bootsteps.StartStopStep):  # type: ignore[misc]

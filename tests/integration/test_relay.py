@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import pytest
 from sqlalchemy import text
@@ -19,7 +19,9 @@ from outbox_tasks.publisher import BatchResult, BrokerPublisher
 from outbox_tasks.relay import Relay
 from outbox_tasks.schema import OutboxMessage
 from outbox_tasks.settings import Settings
-from tests.support.kit import Collector, bulk_insert, collecting, insert_events, pending_count
+from tests.support.kit import bulk_insert, collecting, insert_events, pending_count
+from tests.support.publishers import RefusingPublisher
+from tests.support.relaying import drain, make_relay, wait_for
 
 
 @pytest.fixture
@@ -28,63 +30,6 @@ def publisher(settings: Settings) -> Iterator[BrokerPublisher]:
     pub.declare()
     yield pub
     pub.close()
-
-
-def make_relay(settings: Settings, engine: Engine, publisher: object, owner: str = "t") -> Relay:
-    return Relay(settings, engine, publisher, owner=owner, jitter=lambda: 0.0)  # type: ignore[arg-type]
-
-
-def drain(relay: Relay, rounds: int = 50) -> int:
-    """Claim and publish every partition until nothing is left to do; returns rows published."""
-    total = 0
-    for _ in range(rounds):
-        progressed = False
-        for partition in range(relay.settings.partitions):
-            lease = relay.claim(partition)
-            if lease is None:
-                continue
-            report = relay.publish(partition, lease.epoch)
-            total += report.published
-            progressed = progressed or report.published > 0 or report.failed > 0
-        if not progressed:
-            break
-    return total
-
-
-def wait_for(collector: Collector, count: int) -> None:
-    from tests.support.kit import wait_until
-
-    wait_until(lambda: collector.count() >= count, timeout=10, what=f"{count} messages")
-
-
-@dataclass
-class RefusingPublisher:
-    """Wraps the real publisher and fails every attempt of chosen events (a poison message)."""
-
-    inner: BrokerPublisher
-    refuse: set[str] = field(default_factory=set)
-    attempts: dict[str, int] = field(default_factory=dict)
-
-    def publish_batch(self, messages: Sequence[OutboundMessage]) -> BatchResult:
-        failed: dict[str, str] = {}
-        dead_aggregates: set[tuple[str, str]] = set()
-        sendable = []
-        skipped = []
-        for m in messages:
-            if m.aggregate_key in dead_aggregates:
-                skipped.append(m.event_id)
-            elif m.event_id in self.refuse:
-                self.attempts[m.event_id] = self.attempts.get(m.event_id, 0) + 1
-                failed[m.event_id] = "PoisonError: refused by test"
-                dead_aggregates.add(m.aggregate_key)
-            else:
-                sendable.append(m)
-        result = self.inner.publish_batch(sendable)
-        return BatchResult(
-            published=result.published,
-            failed={**failed, **result.failed},
-            skipped=skipped + result.skipped,
-        )
 
 
 def test_each_aggregate_arrives_in_sequence_order_across_partitions_and_small_batches(
