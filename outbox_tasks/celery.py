@@ -52,6 +52,11 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "schedule": timedelta(seconds=settings.poll_interval_seconds),
             "options": {"expires": max(settings.poll_interval_seconds * 3, 1.0)},
         },
+        "outbox.export_metrics": {
+            "task": "outbox.export_metrics",
+            "schedule": timedelta(seconds=settings.metrics_interval_seconds),
+            "options": {"expires": settings.metrics_interval_seconds * 2},
+        },
         "outbox.dead_letter": {
             "task": "outbox.dead_letter",
             "schedule": timedelta(seconds=settings.dead_letter_interval_seconds),

@@ -6,10 +6,21 @@ update goes through the relay's safe observer, so a metrics failure never breaks
 
 from __future__ import annotations
 
+import os
 from collections import Counter as Tally
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    multiprocess,
+    start_http_server,
+    values,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from outbox_tasks.store import Row
 
@@ -98,7 +109,7 @@ class RelayMetrics:
         self.circuit_open = Gauge(
             "outbox_circuit_open",
             "1 while the broker outage circuit is open in this process.",
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
             **kw,  # type: ignore[arg-type]
         )
         self.last_success = Gauge(
@@ -137,3 +148,61 @@ class RelayMetrics:
         self.circuit_open.set(1 if is_open else 0)
         if is_open:
             self.errors.labels("broker_unavailable").inc()
+
+
+# --- database-derived gauges ----------------------------------------------------------------
+# ``outbox.export_metrics`` computes them on a schedule (never per scrape) and broadcasts the
+# snapshot to every worker, whose main process serves it: every endpoint reports the same fresh
+# values, and the database is queried once per interval for the whole cluster.
+
+DB_GAUGES: dict[str, str] = {
+    "outbox_pending_messages": "Unpublished rows in the outbox.",
+    "outbox_oldest_pending_age_seconds": "Age of the oldest unpublished row.",
+    "outbox_dead_letter_messages": "Dead-lettered messages not yet replayed or discarded.",
+    "outbox_parked_aggregates": "Aggregates held behind a dead letter.",
+    "outbox_partitions_unowned": "Partitions with due rows and no live lease.",
+    "outbox_table_dead_tuples": "Dead tuples in the outbox table (bloat until vacuumed).",
+    "outbox_table_last_autovacuum_timestamp_seconds": "Unix time of the last autovacuum.",
+}
+
+
+class SnapshotCollector(Collector):
+    """Serves the latest database snapshot received by this process."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = {}
+        self.received_at: float | None = None
+
+    def update(self, values: dict[str, float], received_at: float) -> None:
+        self.values = {k: float(v) for k, v in values.items() if k in DB_GAUGES}
+        self.received_at = received_at
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        for name, value in self.values.items():
+            family = GaugeMetricFamily(name, DB_GAUGES[name])
+            family.add_metric([], value)
+            yield family
+
+
+SNAPSHOT = SnapshotCollector()
+
+
+def enable_multiprocess(directory: str) -> None:
+    """Make metrics created from now on (in this process and its forked children) write to
+    ``directory``, so the parent can serve the sum over its pool. Must run before the fork."""
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+
+
+def serve(port: int, directory: str, address: str = "0.0.0.0") -> CollectorRegistry:
+    """Serve the pool's metrics plus the database snapshot on ``port`` (Prometheus text format)."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    registry.register(SNAPSHOT)
+    start_http_server(port, addr=address, registry=registry)
+    return registry
+
+
+def process_exited(pid: int) -> None:
+    """Drop a dead pool process's live gauges (its counters still count)."""
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

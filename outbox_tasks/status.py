@@ -37,8 +37,16 @@ class Status:
     retrying_messages: int
     last_published_at: datetime | None
     published_last_minute: int
+    dead_tuples: int = 0
+    live_tuples: int = 0
+    last_autovacuum: datetime | None = None
     partition_rows: list[PartitionStatus] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+
+    @property
+    def partitions_unowned(self) -> int:
+        """Partitions with a backlog and nobody holding their lease."""
+        return sum(1 for p in self.partition_rows if p.backlog and not p.live)
 
     @property
     def healthy(self) -> bool:
@@ -82,6 +90,12 @@ def collect_status(engine: Engine, settings: Settings) -> Status:
                 {"n": settings.partitions},
             )
         }
+        health = conn.execute(
+            text(
+                "SELECT n_dead_tup, n_live_tup, last_autovacuum FROM pg_stat_user_tables "
+                "WHERE relid = 'outbox'::regclass"
+            )
+        ).one_or_none()
         leases = conn.execute(
             text(
                 "SELECT partition, slot_lo, slot_hi, owner, epoch, leased_until, "
@@ -120,6 +134,9 @@ def collect_status(engine: Engine, settings: Settings) -> Status:
         retrying_messages=int(totals.retrying),
         last_published_at=last,
         published_last_minute=int(recent),
+        dead_tuples=int(health.n_dead_tup) if health else 0,
+        live_tuples=int(health.n_live_tup) if health else 0,
+        last_autovacuum=health.last_autovacuum if health else None,
         partition_rows=rows,
     )
     if status.parked_messages:
@@ -153,3 +170,18 @@ def render_status(status: Status) -> str:
     lines.append("")
     lines.append("healthy" if status.healthy else "attention: " + "; ".join(status.problems))
     return "\n".join(lines)
+
+
+def db_snapshot(status: Status) -> dict[str, float]:
+    """The database-derived gauges (metrics.DB_GAUGES) from one status reading."""
+    return {
+        "outbox_pending_messages": status.pending,
+        "outbox_oldest_pending_age_seconds": status.oldest_pending_age_seconds or 0.0,
+        "outbox_dead_letter_messages": status.parked_messages,
+        "outbox_parked_aggregates": status.parked_aggregates,
+        "outbox_partitions_unowned": status.partitions_unowned,
+        "outbox_table_dead_tuples": status.dead_tuples,
+        "outbox_table_last_autovacuum_timestamp_seconds": (
+            status.last_autovacuum.timestamp() if status.last_autovacuum else 0.0
+        ),
+    }

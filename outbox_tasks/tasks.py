@@ -3,21 +3,28 @@ broker publisher after fork, on first use."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
 import socket
+import tempfile
+import time
 from typing import Any
 
 from celery import bootsteps
+from celery.signals import worker_init, worker_process_shutdown, worker_shutdown
+from celery.worker.control import control_command
 
 from outbox_tasks import deadletter
 from outbox_tasks.celery import app, settings
 from outbox_tasks.db import make_engine, translate_errors
 from outbox_tasks.errors import BrokerUnavailable, DatabaseUnavailable
 from outbox_tasks.logs import configure, event, get_logger
-from outbox_tasks.metrics import RelayMetrics
+from outbox_tasks.metrics import SNAPSHOT, RelayMetrics, enable_multiprocess, process_exited, serve
 from outbox_tasks.publisher import BrokerPublisher
 from outbox_tasks.relay import Relay
+from outbox_tasks.status import collect_status, db_snapshot
 from outbox_tasks.wakeup import WakeupListener
 
 log = get_logger("tasks")
@@ -134,6 +141,86 @@ def dead_letter() -> dict[str, Any]:
             log, logging.WARNING, "dead_letter_skipped", "dead-letter run skipped", error=str(error)
         )
         return {"error": type(error).__name__}
+
+
+@app.task(name="outbox.export_metrics")
+def export_metrics() -> dict[str, float]:
+    """Refresh the database-derived gauges: one reading, broadcast to every worker, whose main
+    process serves it on its metrics endpoint."""
+    relay = runtime.get()
+    try:
+        with translate_errors("export_metrics"):
+            snapshot = db_snapshot(collect_status(relay.engine, settings))
+    except DatabaseUnavailable as error:
+        event(
+            log, logging.WARNING, "database_unavailable", "metrics export skipped", error=str(error)
+        )
+        return {}
+    app.control.broadcast("outbox_metrics_snapshot", arguments={"snapshot": snapshot})
+    return snapshot
+
+
+@control_command(args=[("snapshot", dict)], signature="<snapshot>")
+def outbox_metrics_snapshot(state: Any, snapshot: dict[str, float]) -> dict[str, bool]:
+    """Remote control command: store the latest database snapshot for the metrics endpoint."""
+    SNAPSHOT.update(snapshot, time.time())
+    return {"ok": True}
+
+
+class _MetricsServer:
+    """The worker's Prometheus endpoint (main process), summing the pool's metrics."""
+
+    directory: str | None = None
+
+    @classmethod
+    def start(cls) -> None:
+        if not settings.metrics_port or cls.directory is not None:
+            return
+        cls.directory = tempfile.mkdtemp(prefix="outbox-metrics-")
+        # Before the pool forks, so every child writes its metrics where we read them.
+        enable_multiprocess(cls.directory)
+        try:
+            serve(settings.metrics_port, cls.directory)
+        except OSError as error:
+            event(
+                log,
+                logging.WARNING,
+                "metrics_unavailable",
+                "metrics endpoint not started; publishing is not affected",
+                port=settings.metrics_port,
+                error=str(error),
+            )
+            return
+        event(
+            log, logging.INFO, "metrics_serving", "metrics endpoint up", port=settings.metrics_port
+        )
+
+    @classmethod
+    def stop(cls) -> None:
+        if cls.directory is not None:
+            shutil.rmtree(cls.directory, ignore_errors=True)
+            cls.directory = None
+
+
+@worker_init.connect
+def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
+    configure()
+    try:
+        _MetricsServer.start()
+    except Exception as error:
+        event(log, logging.WARNING, "metrics_unavailable", "metrics setup failed", error=str(error))
+
+
+@worker_process_shutdown.connect
+def _on_pool_process_exit(pid: int | None = None, **kwargs: Any) -> None:
+    if _MetricsServer.directory is not None:
+        with contextlib.suppress(Exception):
+            process_exited(os.getpid())
+
+
+@worker_shutdown.connect
+def _on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
+    _MetricsServer.stop()
 
 
 class WakeupStep(bootsteps.StartStopStep):  # type: ignore[misc]
