@@ -73,21 +73,63 @@ def config_table() -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    import time
+
     from outbox_tasks.db import make_engine, translate_errors
     from outbox_tasks.status import collect_status, render_status
 
     settings = _settings(args)
     engine = make_engine(settings, application_name="outbox_tasks.cli", pool_size=1)
     try:
-        with translate_errors("status"):
-            status = collect_status(engine, settings)
+        while True:
+            with translate_errors("status"):
+                status = collect_status(engine, settings)
+            if args.json:
+                print(json.dumps(status.as_dict(), indent=2, default=str), flush=True)
+            else:
+                if args.watch and sys.stdout.isatty():
+                    print("\033[2J\033[H", end="")
+                print(render_status(status), flush=True)
+            if not args.watch:
+                break
+            time.sleep(args.watch)
+    finally:
+        engine.dispose()
+    return 0 if status.healthy else 1
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from sqlalchemy import text
+
+    from outbox_tasks.db import translate_errors
+
+    engine = _engine(args)
+    try:
+        with translate_errors("events"), engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT aggregate_type, event_type, count(*) AS total, "
+                    "count(*) FILTER (WHERE published_at IS NULL) AS pending, "
+                    "max(schema_version) AS schema_version, max(created_at) AS last_seen "
+                    "FROM outbox WHERE created_at > clock_timestamp() - make_interval(secs => :s) "
+                    "GROUP BY 1, 2 ORDER BY 3 DESC"
+                ),
+                {"s": args.since_seconds},
+            ).all()
     finally:
         engine.dispose()
     if args.json:
-        print(json.dumps(status.as_dict(), indent=2, default=str))
-    else:
-        print(render_status(status))
-    return 0 if status.healthy else 1
+        print(json.dumps([dict(r._mapping) for r in rows], indent=2, default=str))
+        return 0
+    print(
+        f"{'aggregate type':20} {'event type':28} {'total':>9} {'pending':>8} {'ver':>4}  last seen"
+    )
+    for r in rows:
+        print(
+            f"{r.aggregate_type[:20]:20} {r.event_type[:28]:28} {r.total:>9} {r.pending:>8} "
+            f"{r.schema_version:>4}  {r.last_seen:%Y-%m-%d %H:%M:%S}"
+        )
+    return 0
 
 
 def _engine(args: argparse.Namespace) -> Any:
@@ -266,7 +308,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--database-url", help=db_help)
     status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
     status.set_defaults(func=cmd_status)
+
+    events = sub.add_parser(
+        "events", help="event types seen in the outbox, with volumes (the event catalog's data)"
+    )
+    events.add_argument("--database-url", help=db_help)
+    events.add_argument(
+        "--since-seconds",
+        type=float,
+        default=7 * 86400.0,
+        help="look back this far (default 7 days)",
+    )
+    events.add_argument("--json", action="store_true")
+    events.set_defaults(func=cmd_events)
 
     config = sub.add_parser("config", help="validate OUTBOX_* variables and print the settings")
     config.add_argument("--markdown", action="store_true", help="print the reference table")
