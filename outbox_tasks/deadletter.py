@@ -32,7 +32,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
-from outbox_tasks.envelope import OutboundMessage, build_message
+from outbox_tasks.envelope import OutboundMessage, message_for_row
 from outbox_tasks.errors import InvalidMessage, NotFound
 from outbox_tasks.logs import event, get_logger
 from outbox_tasks.partitioning import partition_of
@@ -188,20 +188,8 @@ def _drop_skipped(conn: Connection, ids: list[uuid.UUID]) -> None:
 
 
 def _dead_copy(row: Any, settings: Settings) -> OutboundMessage:
-    message = build_message(
-        event_id=row.id,
-        aggregate_type=row.aggregate_type,
-        aggregate_id=row.aggregate_id,
-        event_type=row.event_type,
-        occurred_at=row.created_at,
-        schema_version=row.schema_version,
-        sequence=row.seq,
-        payload_json=row.payload_json,
-        user_headers=row.headers,
-        partition=partition_of(row.slot, settings.partitions),
-        epoch=0,
-        attempt=row.retry_count,
-        redelivered=False,
+    message = message_for_row(
+        row, partition=partition_of(row.slot, settings.partitions), epoch=0, redelivered=False
     )
     message.headers[H_DEAD_REASON] = (row.last_error or "")[:1000]
     message.headers[H_DEAD_RETRIES] = row.retry_count

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 CONTENT_TYPE = "application/json"
 CONTENT_ENCODING = "utf-8"
@@ -128,4 +128,50 @@ def build_message(
         routing_key=routing_key(aggregate_type, event_type),
         body=body,
         headers=headers,
+    )
+
+
+class StoredRow(Protocol):
+    """The columns of an outbox row that make its message (read-only)."""
+
+    @property
+    def id(self) -> uuid.UUID: ...
+    @property
+    def aggregate_type(self) -> str: ...
+    @property
+    def aggregate_id(self) -> str: ...
+    @property
+    def event_type(self) -> str: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def schema_version(self) -> int: ...
+    @property
+    def seq(self) -> int: ...
+    @property
+    def payload_json(self) -> str: ...
+    @property
+    def headers(self) -> dict[str, Any]: ...
+    @property
+    def retry_count(self) -> int: ...
+
+
+def message_for_row(
+    row: StoredRow, *, partition: int, epoch: int, redelivered: bool
+) -> OutboundMessage:
+    """The message for an outbox row; ``outbox-attempt`` is ``retry_count + 1``."""
+    return build_message(
+        event_id=row.id,
+        aggregate_type=row.aggregate_type,
+        aggregate_id=row.aggregate_id,
+        event_type=row.event_type,
+        occurred_at=row.created_at,
+        schema_version=row.schema_version,
+        sequence=row.seq,
+        payload_json=row.payload_json,
+        user_headers=row.headers,
+        partition=partition,
+        epoch=epoch,
+        attempt=row.retry_count + 1,
+        redelivered=redelivered,
     )

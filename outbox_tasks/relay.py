@@ -25,7 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from outbox_tasks import store
 from outbox_tasks.db import translate_errors
-from outbox_tasks.envelope import OutboundMessage, build_message
+from outbox_tasks.envelope import OutboundMessage, message_for_row
 from outbox_tasks.errors import BrokerUnavailable
 from outbox_tasks.logs import event, get_logger
 from outbox_tasks.partitioning import slot_range
@@ -414,20 +414,8 @@ class Relay:
 
     def _message(self, lease: store.Lease, row: store.Row) -> OutboundMessage:
         redelivered = lease.redeliver_max_seq is not None and row.seq <= lease.redeliver_max_seq
-        return build_message(
-            event_id=row.id,
-            aggregate_type=row.aggregate_type,
-            aggregate_id=row.aggregate_id,
-            event_type=row.event_type,
-            occurred_at=row.created_at,
-            schema_version=row.schema_version,
-            sequence=row.seq,
-            payload_json=row.payload_json,
-            user_headers=row.headers,
-            partition=lease.partition,
-            epoch=lease.epoch,
-            attempt=row.retry_count + 1,
-            redelivered=redelivered,
+        return message_for_row(
+            row, partition=lease.partition, epoch=lease.epoch, redelivered=redelivered
         )
 
     def _failures(self, batch: Sequence[store.Row], failed: dict[str, str]) -> list[store.Failure]:

@@ -76,6 +76,20 @@ class FinishResult:
 # --- leases -----------------------------------------------------------------------------------
 
 
+def _lease(row: Any, partition_count: int, partition: int, owner: str) -> Lease:
+    """A Lease from a RETURNING row of the lease table."""
+    return Lease(
+        partition_count=partition_count,
+        partition=partition,
+        slot_lo=row.slot_lo,
+        slot_hi=row.slot_hi,
+        epoch=row.epoch,
+        owner=owner,
+        redeliver_max_seq=row.redeliver_max_seq,
+        cursor_slot=row.cursor_slot,
+    )
+
+
 def lock_lease_table(conn: Connection) -> None:
     """Serialize grants (transaction-scoped advisory lock)."""
     conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": LEASE_LOCK_KEY})
@@ -130,18 +144,7 @@ def grant_lease(
         _GRANT,
         {"n": partition_count, "p": partition, "owner": owner, "lease_seconds": lease_seconds},
     ).one_or_none()
-    if row is None:
-        return None
-    return Lease(
-        partition_count=partition_count,
-        partition=partition,
-        slot_lo=row.slot_lo,
-        slot_hi=row.slot_hi,
-        epoch=row.epoch,
-        owner=owner,
-        redeliver_max_seq=row.redeliver_max_seq,
-        cursor_slot=row.cursor_slot,
-    )
+    return None if row is None else _lease(row, partition_count, partition, owner)
 
 
 _TAKE_OVER = text(
@@ -175,18 +178,7 @@ def take_over_lease(
             "lease_seconds": lease_seconds,
         },
     ).one_or_none()
-    if row is None:
-        return None
-    return Lease(
-        partition_count=partition_count,
-        partition=partition,
-        slot_lo=row.slot_lo,
-        slot_hi=row.slot_hi,
-        epoch=row.epoch,
-        owner=owner,
-        redeliver_max_seq=row.redeliver_max_seq,
-        cursor_slot=row.cursor_slot,
-    )
+    return None if row is None else _lease(row, partition_count, partition, owner)
 
 
 def release_lease(conn: Connection, lease: Lease) -> bool:
