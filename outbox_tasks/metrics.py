@@ -156,8 +156,8 @@ class RelayMetrics:
 # values, and the database is queried once per interval for the whole cluster.
 
 DB_GAUGES: dict[str, str] = {
-    "outbox_pending_messages": "Unpublished rows in the outbox.",
-    "outbox_oldest_pending_age_seconds": "Age of the oldest unpublished row.",
+    "outbox_pending_messages": "Unpublished rows in the outbox (dead letters not included).",
+    "outbox_oldest_pending_age_seconds": "Age of the oldest unpublished row (no dead letters).",
     "outbox_dead_letter_messages": "Dead-lettered messages not yet replayed or discarded.",
     "outbox_parked_aggregates": "Aggregates held behind a dead letter.",
     "outbox_partitions_unowned": "Partitions with due rows and no live lease.",

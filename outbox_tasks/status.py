@@ -24,6 +24,7 @@ class PartitionStatus:
     leased_until: datetime | None
     live: bool
     backlog: int
+    due: int
     last_published_at: datetime | None
 
 
@@ -45,8 +46,8 @@ class Status:
 
     @property
     def partitions_unowned(self) -> int:
-        """Partitions with a backlog and nobody holding their lease."""
-        return sum(1 for p in self.partition_rows if p.backlog and not p.live)
+        """Partitions with due rows and nobody holding their lease."""
+        return sum(1 for p in self.partition_rows if p.due and not p.live)
 
     @property
     def healthy(self) -> bool:
@@ -63,8 +64,9 @@ def collect_status(engine: Engine, settings: Settings) -> Status:
         totals = conn.execute(
             text(
                 """
-                SELECT count(*) AS pending,
-                       EXTRACT(EPOCH FROM clock_timestamp() - min(created_at)) AS oldest,
+                SELECT count(*) FILTER (WHERE dead_lettered_at IS NULL) AS pending,
+                       EXTRACT(EPOCH FROM clock_timestamp() - min(created_at)
+                               FILTER (WHERE dead_lettered_at IS NULL)) AS oldest,
                        count(*) FILTER (WHERE dead_lettered_at IS NOT NULL) AS parked,
                        count(DISTINCT (aggregate_type, aggregate_id))
                            FILTER (WHERE dead_lettered_at IS NOT NULL) AS parked_aggregates,
@@ -81,11 +83,13 @@ def collect_status(engine: Engine, settings: Settings) -> Status:
             )
         ).scalar_one()
         backlog = {
-            int(r.partition): int(r.n)
+            int(r.partition): (int(r.n), int(r.due))
             for r in conn.execute(
                 text(
-                    "SELECT (slot::int * :n / 1024) AS partition, count(*) AS n FROM outbox "
-                    "WHERE published_at IS NULL GROUP BY 1"
+                    "SELECT (slot::int * :n / 1024) AS partition, count(*) AS n, "
+                    "count(*) FILTER (WHERE next_attempt_at IS NULL "
+                    "OR next_attempt_at <= clock_timestamp()) AS due FROM outbox "
+                    "WHERE published_at IS NULL AND dead_lettered_at IS NULL GROUP BY 1"
                 ),
                 {"n": settings.partitions},
             )
@@ -120,7 +124,8 @@ def collect_status(engine: Engine, settings: Settings) -> Status:
                 epoch=lease.epoch if lease else 0,
                 leased_until=lease.leased_until if lease else None,
                 live=bool(lease and lease.live),
-                backlog=backlog.get(p, 0),
+                backlog=backlog.get(p, (0, 0))[0],
+                due=backlog.get(p, (0, 0))[1],
                 last_published_at=lease.last_published_at if lease else None,
             )
         )

@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=$(scripts/venv.sh)
+scripts/tools.sh "$VENV"
 scripts/ensure-services.sh
 echo "== ruff"
 "$VENV/bin/ruff" check outbox_tasks tests migrations

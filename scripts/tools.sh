@@ -7,13 +7,15 @@
 #   kubernetes-validate  PyPI, into the virtualenv given as $1 (default: $VENV, else .venv)
 #
 # Usage: scripts/tools.sh [VENV_DIR]     (as root on Debian 12; needs Debian's and PyPI's
-# registries). .tools/ is local and must stay out of git.
+# registries). .tools/ is local: it carries its own .gitignore ('*').
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 TOOLS="$ROOT/.tools"
 VENV_DIR=${1:-${VENV:-.venv}}
 mkdir -p "$TOOLS/bin"
+# .tools/ ignores itself, so it can never be committed by accident (as a virtualenv does).
+[ -f "$TOOLS/.gitignore" ] || echo '*' >"$TOOLS/.gitignore"
 
 log() { echo "tools: $*" >&2; }
 
@@ -45,10 +47,11 @@ install_promtool() {
     apt_update_once
     (cd "$work" && apt-get download -q prometheus >/dev/null)
   fi
-  rm -rf "$TOOLS/prometheus"
-  dpkg-deb -x "$work"/prometheus_*.deb "$TOOLS/prometheus"
+  # Keep promtool only (the package also holds the server and its web assets).
+  dpkg-deb -x "$work"/prometheus_*.deb "$work/root"
+  install -m 0755 "$work/root/usr/bin/promtool" "$bin.new"
+  mv -f "$bin.new" "$bin"
   rm -rf "$work"
-  ln -sf ../prometheus/usr/bin/promtool "$bin"
   "$bin" --version >/dev/null
 }
 
