@@ -57,6 +57,11 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
             "schedule": timedelta(seconds=settings.metrics_interval_seconds),
             "options": {"expires": settings.metrics_interval_seconds * 2},
         },
+        "outbox.cleanup": {
+            "task": "outbox.cleanup",
+            "schedule": timedelta(seconds=settings.cleanup_interval_seconds),
+            "options": {"expires": settings.cleanup_interval_seconds},
+        },
         "outbox.dead_letter": {
             "task": "outbox.dead_letter",
             "schedule": timedelta(seconds=settings.dead_letter_interval_seconds),

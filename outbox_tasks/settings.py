@@ -214,6 +214,11 @@ class Settings:
     retention_seconds: float = _setting(
         7 * 24 * 3600.0, _seconds(), "How long published rows are kept in retain/archive mode."
     )
+    receipt_retention_seconds: float = _setting(
+        30 * 24 * 3600.0,
+        _seconds(),
+        "How long consumer receipts are kept (a redelivery older than this is handled again).",
+    )
     archive_url: str = _setting(
         "", _string, "Where archive mode writes compressed JSON-lines files (a directory)."
     )
@@ -316,6 +321,12 @@ class Settings:
                 f"{env_var('publish_task_seconds')}={self.publish_task_seconds} is not valid: "
                 f"expected less than {env_var('lease_seconds')} ({self.lease_seconds}), so a "
                 "publish task hands over before its lease can expire"
+            )
+        scheme = urlsplit(self.archive_url).scheme
+        if self.archive_url and scheme not in ("", "file"):
+            raise ConfigurationError(
+                f"{env_var('archive_url')}={self.archive_url!r} is not valid: {scheme}:// is not "
+                "supported; expected a directory path or a file:// URL"
             )
         if self.cleanup_mode == "archive" and not self.archive_url:
             raise ConfigurationError(

@@ -18,6 +18,7 @@ from celery.worker.control import control_command
 
 from outbox_tasks import deadletter
 from outbox_tasks.celery import app, settings
+from outbox_tasks.cleanup import run_cleanup
 from outbox_tasks.db import make_engine, translate_errors
 from outbox_tasks.errors import BrokerUnavailable, DatabaseUnavailable
 from outbox_tasks.logs import configure, event, get_logger
@@ -141,6 +142,22 @@ def dead_letter() -> dict[str, Any]:
             log, logging.WARNING, "dead_letter_skipped", "dead-letter run skipped", error=str(error)
         )
         return {"error": type(error).__name__}
+
+
+@app.task(name="outbox.cleanup")
+def cleanup() -> dict[str, Any]:
+    """Remove published rows (OUTBOX_CLEANUP_MODE), old consumer receipts and resolved dead
+    letters in short batches; one run at a time per database."""
+    relay = runtime.get()
+    try:
+        with translate_errors("cleanup"):
+            report = run_cleanup(
+                relay.engine, settings, max_seconds=min(settings.cleanup_interval_seconds, 900.0)
+            )
+    except DatabaseUnavailable as error:
+        event(log, logging.WARNING, "database_unavailable", "cleanup stopped", error=str(error))
+        return {"error": "database_unavailable"}
+    return report.as_dict()
 
 
 @app.task(name="outbox.export_metrics")
