@@ -27,6 +27,7 @@ from typing import Any
 from celery import Celery
 from kombu.entity import Exchange, Queue
 
+from outbox_tasks.consumer_celery import install_configured
 from outbox_tasks.errors import ConfigurationError
 from outbox_tasks.settings import Settings
 
@@ -128,6 +129,7 @@ def create_app(settings: Settings) -> Celery:
 settings = load_settings()
 try:
     app = create_app(settings)
+    install_configured(app, settings)
 except ConfigurationError as _error:
     sys.stderr.write(f"outbox_tasks: configuration error: {_error}\n")
     raise SystemExit(2) from None

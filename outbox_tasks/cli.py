@@ -331,9 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_dlq_parser(sub, db_help)
 
     from outbox_tasks.cleanup import add_cleanup_parser
+    from outbox_tasks.consumer import add_consume_parser
     from outbox_tasks.demo import add_demo_parser
 
     add_cleanup_parser(sub)
+    add_consume_parser(sub)
 
     add_demo_parser(sub)
     return parser

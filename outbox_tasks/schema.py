@@ -358,7 +358,12 @@ class ConsumerReceipt(Base):
 
 
 class ConsumerPosition(Base):
-    """Per consumer group and aggregate, the highest sequence handled (drops stale redeliveries)."""
+    """Per consumer group and aggregate, the highest sequence handled (drops stale redeliveries),
+    and whether the aggregate is parked (ordered groups; see ``outbox_tasks.consumer``).
+
+    ``dead_sequence`` is the highest sequence of the aggregate sent to the group's dead-letter
+    queue: a parked aggregate resumes by itself once a replay has handled up to it.
+    """
 
     __tablename__ = "outbox_consumer_position"
 
@@ -369,8 +374,21 @@ class ConsumerPosition(Base):
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=text("now()")
     )
+    # Ordered groups park an aggregate when one of its events exhausts its retries; its later
+    # events go to the dead-letter queue until a replay handles them or an operator unparks it.
+    parked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    parked_event_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    parked_error: Mapped[str | None] = mapped_column(Text)
+    dead_sequence: Mapped[int | None] = mapped_column(BigInteger)
 
-    __table_args__ = (PrimaryKeyConstraint("consumer_group", "aggregate_type", "aggregate_id"),)
+    __table_args__ = (
+        PrimaryKeyConstraint("consumer_group", "aggregate_type", "aggregate_id"),
+        Index(
+            "ix_outbox_consumer_position_parked",
+            "consumer_group",
+            postgresql_where=text("parked_at IS NOT NULL"),
+        ),
+    )
 
 
 def slot_of(aggregate_type: str, aggregate_id: str) -> int:

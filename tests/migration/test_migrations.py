@@ -333,7 +333,7 @@ def test_every_revision_downgrades_and_upgrades_again_step_by_step(
 ) -> None:
     script = ScriptDirectory.from_config(alembic_config)
     revisions = list(reversed(list(script.walk_revisions("base", "heads"))))
-    assert [r.revision for r in revisions] == ["0001", "0002"]
+    assert [r.revision for r in revisions] == ["0001", "0002", "0003"]
     assert len(script.get_heads()) == 1
 
     for revision in revisions:
