@@ -289,6 +289,16 @@ class Relay:
         if not report.lease_lost:
             with translate_errors("release"), self.engine.begin() as conn:
                 store.release_lease(conn, lease)
+                # A row committed after our last select had its wake-up claim refused while we
+                # held the lease: say so, and the caller claims again at once. Only after a
+                # productive run, so rows that cannot move yet never cause a claim loop.
+                if (
+                    report.batches
+                    and not report.more
+                    and not report.circuit_open
+                    and store.has_due_rows(conn, lease.slot_lo, lease.slot_hi)
+                ):
+                    report.more = True
         return report
 
     def _one_batch(

@@ -1,0 +1,408 @@
+"""Handling one message, whatever the transport: receipts (idempotency), per-aggregate positions
+(order), retries with backoff, dead letters and parking. The outcomes a message can have."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Any, Final, NamedTuple, Protocol
+
+from sqlalchemy import text
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from outbox_tasks.consumer.events import Event, InvalidEvent, _truthy, parse_event
+from outbox_tasks.consumer.group import ConsumerGroup
+from outbox_tasks.consumer.metrics import ConsumerMetrics
+from outbox_tasks.errors import OutboxError
+from outbox_tasks.logs import event as log_event
+from outbox_tasks.logs import get_logger
+from outbox_tasks.retry import backoff_delay
+
+log = get_logger("consumer")
+
+# Headers the consumer adds to a dead-lettered copy, and to a replayed one.
+H_CONSUMER_GROUP: Final = "outbox-consumer-group"
+H_CONSUMER_REASON: Final = "outbox-consumer-reason"
+H_CONSUMER_ERROR: Final = "outbox-consumer-error"
+H_CONSUMER_ATTEMPTS: Final = "outbox-consumer-attempts"
+H_CONSUMER_DEAD_AT: Final = "outbox-consumer-dead-lettered-at"
+H_CONSUMER_REPLAYED: Final = "outbox-consumer-replayed"
+DEAD_LETTER_HEADERS: Final = frozenset(
+    {H_CONSUMER_GROUP, H_CONSUMER_REASON, H_CONSUMER_ERROR, H_CONSUMER_ATTEMPTS, H_CONSUMER_DEAD_AT}
+)
+
+# One outcome per message (the ``outcome`` label of outbox_consumer_messages_total).
+HANDLED: Final = "handled"  # the handler ran and its transaction committed
+DUPLICATE: Final = "duplicate"  # the group's receipt for this event id exists: skipped
+STALE: Final = "stale"  # ordered: sequence not above the aggregate's high-water mark: dropped
+OTHER_PARTITION: Final = "other_partition"  # ordered: another partition's event: acked, no effect
+DEAD_LETTERED: Final = "dead_lettered"  # retries exhausted: sent to the dead-letter queue
+PARKED: Final = "parked"  # ordered: its aggregate is parked: sent to the dead-letter queue
+INVALID: Final = "invalid"  # not an outbox envelope: sent to the dead-letter queue
+REQUEUED: Final = "requeued"  # given back to the broker unhandled (shutdown, partition lost)
+OUTCOMES: Final = (
+    HANDLED,
+    DUPLICATE,
+    STALE,
+    OTHER_PARTITION,
+    DEAD_LETTERED,
+    PARKED,
+    INVALID,
+    REQUEUED,
+)
+
+_ERROR_TEXT_MAX: Final = 2000
+
+
+class PartitionLost(OutboxError):
+    """This process no longer holds the partition it was consuming (ordered groups)."""
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One message as received from a broker, with the way to settle it."""
+
+    body: bytes
+    headers: Mapping[str, Any]
+    redelivered: bool
+    ack: Callable[[], None]
+    requeue: Callable[[], None]
+    message_id: str | None = None
+
+
+class DeadLetterSink(Protocol):
+    def send(self, queue: str, body: bytes, headers: Mapping[str, Any], message_id: str) -> None:
+        """Publish persistently (confirmed on RabbitMQ); raise BrokerUnavailable on failure."""
+
+
+Fence = Callable[[Session], bool]
+"""Inside the handling transaction: does this process still hold the partition?"""
+
+_INSERT_RECEIPT = text(
+    "INSERT INTO outbox_consumer_receipt (consumer_group, event_id) VALUES (:group, :event_id) "
+    "ON CONFLICT DO NOTHING RETURNING 1"
+)
+_SELECT_POSITION = text(
+    "SELECT last_sequence, parked_at IS NOT NULL AS parked, parked_event_id, dead_sequence "
+    "FROM outbox_consumer_position "
+    "WHERE consumer_group = :group AND aggregate_type = :type AND aggregate_id = :id "
+    "FOR UPDATE"
+)
+_CREATE_POSITION = text(
+    "INSERT INTO outbox_consumer_position (consumer_group, aggregate_type, aggregate_id, "
+    "last_sequence) VALUES (:group, :type, :id, 0) ON CONFLICT DO NOTHING"
+)
+_ADVANCE_POSITION = text(
+    "UPDATE outbox_consumer_position SET last_sequence = :sequence, updated_at = now(), "
+    "parked_event_id = CASE WHEN :resolve THEN NULL ELSE parked_event_id END, "
+    "parked_error = CASE WHEN :resolve THEN NULL ELSE parked_error END, "
+    "parked_at = CASE WHEN :unpark THEN NULL ELSE parked_at END "
+    "WHERE consumer_group = :group AND aggregate_type = :type AND aggregate_id = :id"
+)
+_PARK = text(
+    "INSERT INTO outbox_consumer_position AS p (consumer_group, aggregate_type, aggregate_id, "
+    "last_sequence, parked_at, parked_event_id, parked_error, dead_sequence) "
+    "VALUES (:group, :type, :id, 0, now(), :event_id, :error, :sequence) "
+    "ON CONFLICT (consumer_group, aggregate_type, aggregate_id) DO UPDATE SET "
+    "parked_at = coalesce(p.parked_at, now()), "
+    "parked_event_id = CASE WHEN :cause THEN :event_id ELSE p.parked_event_id END, "
+    "parked_error = CASE WHEN :cause THEN :error ELSE p.parked_error END, "
+    "dead_sequence = greatest(coalesce(p.dead_sequence, 0), :sequence), updated_at = now()"
+)
+
+
+class _Position(NamedTuple):
+    last_sequence: int
+    parked: bool
+    parked_event_id: uuid.UUID | None
+    dead_sequence: int | None
+
+
+def _position_key(group: str, event: Event) -> dict[str, Any]:
+    return {"group": group, "type": event.aggregate_type, "id": event.aggregate_id}
+
+
+def _insert_receipt(session: Session, group: str, event_id: uuid.UUID) -> bool:
+    """Insert the group's receipt for the event; False when it was there (a duplicate)."""
+    inserted = session.execute(_INSERT_RECEIPT, {"group": group, "event_id": event_id}).first()
+    return inserted is not None
+
+
+def _lock_position(session: Session, group: str, event: Event) -> _Position:
+    """The aggregate's position, its row locked until commit (created at sequence 0 if new)."""
+    key = _position_key(group, event)
+    row = session.execute(_SELECT_POSITION, key).first()
+    if row is None:
+        session.execute(_CREATE_POSITION, key)
+        row = session.execute(_SELECT_POSITION, key).one()
+    return _Position(int(row[0]), bool(row[1]), row[2], None if row[3] is None else int(row[3]))
+
+
+def _advance_position(
+    session: Session, group: str, event: Event, *, resolve: bool, unpark: bool
+) -> None:
+    """Move the high-water mark to the event; ``resolve`` clears the parking cause, ``unpark``
+    resumes the aggregate."""
+    params = {**_position_key(group, event), "sequence": event.sequence}
+    session.execute(_ADVANCE_POSITION, {**params, "resolve": resolve, "unpark": unpark})
+
+
+def _park_aggregate(
+    session: Session, group: str, event: Event, *, cause: bool, error: str | None
+) -> None:
+    """Park the aggregate (or keep it parked) up to the event's sequence; ``cause``: this
+    event's failure is why (its id and error are recorded)."""
+    params = {**_position_key(group, event), "event_id": event.id, "sequence": event.sequence}
+    session.execute(_PARK, {**params, "error": error, "cause": cause})
+
+
+@dataclass(frozen=True, slots=True)
+class _Verdict:
+    outcome: str
+    error: str | None = None
+
+
+class GroupProcessor:
+    """Handles deliveries of one group: the same rules in the process form and in Celery.
+
+    ``sleep(seconds)`` waits between attempts and returns False when the process is stopping
+    (the message is then given back to the broker instead of retried).
+    """
+
+    def __init__(
+        self,
+        group: ConsumerGroup,
+        engine: Engine,
+        sink: DeadLetterSink,
+        *,
+        metrics: ConsumerMetrics | None = None,
+        sleep: Callable[[float], bool] | None = None,
+        jitter: Callable[[], float] = random.random,
+        on_outcome: Callable[[str], None] | None = None,
+    ) -> None:
+        self.group = group
+        self.engine = engine
+        self.sink = sink
+        self.metrics = metrics
+        self._sleep = sleep or _plain_sleep
+        self._jitter = jitter
+        self._on_outcome = on_outcome
+
+    def process(
+        self, delivery: Delivery, *, partition: int | None = None, fence: Fence | None = None
+    ) -> str:
+        """Handle and settle one delivery; returns its outcome.
+
+        Raises :class:`PartitionLost` (nothing settled: requeue it) when ``fence`` says this
+        process lost the partition, and BrokerUnavailable / DatabaseUnavailable when a dead
+        letter could not be written (nothing settled either).
+        """
+        try:
+            event = parse_event(delivery.body, delivery.headers, redelivered=delivery.redelivered)
+        except InvalidEvent as error:
+            self._send_dead_letter(delivery, None, INVALID, str(error), 0)
+            delivery.ack()
+            return self._done(INVALID, None, error=str(error))
+        if partition is not None and self.group.ordered:
+            mine = self.group.partition_of(event.aggregate_type, event.aggregate_id)
+            if mine != partition:
+                delivery.ack()
+                return self._done(OTHER_PARTITION, event)
+        replayed = _truthy(delivery.headers.get(H_CONSUMER_REPLAYED))
+        failures = 0
+        outages = 0
+        while True:
+            try:
+                verdict = self._attempt(replace(event, attempt=failures + 1), replayed, fence)
+            except PartitionLost:
+                raise
+            except Exception as error:
+                if not self._database_reachable():
+                    outages += 1
+                    delay = self._delay(outages)
+                    log_event(
+                        log,
+                        logging.WARNING,
+                        "database_unavailable",
+                        "database unavailable while handling an event; waiting",
+                        group=self.group.name,
+                        event_id=str(event.id),
+                        error=_describe(error),
+                        retry_in_seconds=round(delay, 3),
+                    )
+                    if not self._sleep(delay):
+                        delivery.requeue()
+                        return self._done(REQUEUED, event)
+                    continue
+                failures += 1
+                text_error = _describe(error)
+                if failures >= self.group.max_attempts:
+                    return self._give_up(delivery, event, text_error, failures, fence)
+                delay = self._delay(failures)
+                log_event(
+                    log,
+                    logging.WARNING,
+                    "event_retry",
+                    "handler failed; retrying",
+                    group=self.group.name,
+                    event_id=str(event.id),
+                    aggregate_type=event.aggregate_type,
+                    attempt=failures,
+                    max_attempts=self.group.max_attempts,
+                    error=text_error,
+                    retry_in_seconds=round(delay, 3),
+                )
+                if not self._sleep(delay):
+                    delivery.requeue()
+                    return self._done(REQUEUED, event)
+                continue
+            if verdict.outcome == PARKED:
+                self._send_dead_letter(delivery, event, PARKED, "aggregate is parked", 0)
+                self._park(event, cause=False, error=None, fence=fence)
+                delivery.ack()
+                return self._done(PARKED, event)
+            delivery.ack()
+            return self._done(verdict.outcome, event)
+
+    # -- one attempt: one transaction ---------------------------------------------------------
+
+    def _attempt(self, event: Event, replayed: bool, fence: Fence | None) -> _Verdict:
+        group = self.group
+        resumes = False
+        with Session(self.engine) as session, session.begin():
+            if not _insert_receipt(session, group.name, event.id):
+                return _Verdict(DUPLICATE)
+            position: _Position | None = None
+            if group.ordered:
+                position = _lock_position(session, group.name, event)
+                if fence is not None and not fence(session):
+                    raise PartitionLost(f"group {group.name}: partition lost")
+                if event.sequence <= position.last_sequence:
+                    session.rollback()
+                    return _Verdict(STALE)
+                if position.parked and not (
+                    replayed
+                    and (position.parked_event_id is None or position.parked_event_id == event.id)
+                ):
+                    session.rollback()
+                    return _Verdict(PARKED)
+            group.handler(event, session)
+            if position is not None:
+                resumes = position.parked and (
+                    position.dead_sequence is None or event.sequence >= position.dead_sequence
+                )
+                _advance_position(
+                    session, group.name, event, resolve=position.parked, unpark=resumes
+                )
+        if resumes:  # logged once committed
+            log_event(
+                log,
+                logging.INFO,
+                "aggregate_unparked",
+                "replay handled the last dead-lettered event; aggregate resumes",
+                group=group.name,
+                aggregate_type=event.aggregate_type,
+                aggregate_id=event.aggregate_id,
+            )
+        return _Verdict(HANDLED)
+
+    # -- failures -------------------------------------------------------------------------------
+
+    def _give_up(
+        self, delivery: Delivery, event: Event, error: str, attempts: int, fence: Fence | None
+    ) -> str:
+        self._send_dead_letter(delivery, event, DEAD_LETTERED, error, attempts)
+        if self.group.ordered:
+            self._park(event, cause=True, error=error, fence=fence)
+        delivery.ack()
+        return self._done(DEAD_LETTERED, event, error=error, attempts=attempts)
+
+    def _park(self, event: Event, *, cause: bool, error: str | None, fence: Fence | None) -> None:
+        with Session(self.engine) as session, session.begin():
+            if fence is not None and not fence(session):
+                raise PartitionLost(f"group {self.group.name}: partition lost")
+            _park_aggregate(session, self.group.name, event, cause=cause, error=error)
+
+    def _send_dead_letter(
+        self, delivery: Delivery, event: Event | None, reason: str, error: str, attempts: int
+    ) -> None:
+        headers = {k: v for k, v in delivery.headers.items() if k not in DEAD_LETTER_HEADERS}
+        headers.update(
+            {
+                H_CONSUMER_GROUP: self.group.name,
+                H_CONSUMER_REASON: reason,
+                H_CONSUMER_ERROR: error[:_ERROR_TEXT_MAX],
+                H_CONSUMER_ATTEMPTS: attempts,
+                H_CONSUMER_DEAD_AT: datetime.now(UTC).isoformat(),
+            }
+        )
+        message_id = str(event.id) if event is not None else (delivery.message_id or "")
+        self.sink.send(self.group.dead_letter_queue, delivery.body, headers, message_id)
+
+    def _database_reachable(self) -> bool:
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+        except Exception:
+            return False
+        return True
+
+    def _delay(self, failures: int) -> float:
+        return backoff_delay(
+            failures,
+            base_seconds=self.group.backoff_base_seconds,
+            max_seconds=self.group.backoff_max_seconds,
+            jitter=self._jitter(),
+        )
+
+    def _done(
+        self, outcome: str, event: Event | None, *, error: str | None = None, attempts: int = 0
+    ) -> str:
+        if self.metrics is not None:
+            self.metrics.count(self.group.name, outcome)
+        if self._on_outcome is not None:
+            with contextlib.suppress(Exception):
+                self._on_outcome(outcome)
+        fields: dict[str, Any] = {"group": self.group.name, "outcome": outcome}
+        if event is not None:
+            fields.update(
+                event_id=str(event.id),
+                aggregate_type=event.aggregate_type,
+                event_type=event.event_type,
+                sequence=event.sequence,
+            )
+        if outcome in (DEAD_LETTERED, INVALID):
+            log_event(
+                log,
+                logging.ERROR,
+                f"event_{outcome}",
+                "event sent to the dead-letter queue",
+                error=error,
+                attempts=attempts,
+                aggregate_id=event.aggregate_id if event is not None else None,
+                **fields,
+            )
+        elif outcome in (PARKED, STALE, REQUEUED):
+            log_event(log, logging.INFO, f"event_{outcome}", f"event {outcome}", **fields)
+        else:
+            log_event(log, logging.DEBUG, f"event_{outcome}", f"event {outcome}", **fields)
+        return outcome
+
+
+def _plain_sleep(seconds: float) -> bool:
+    time.sleep(seconds)
+    return True
+
+
+def _describe(error: BaseException) -> str:
+    text_ = " ".join(str(error).split()) or type(error).__name__
+    if len(text_) > _ERROR_TEXT_MAX:
+        text_ = text_[: _ERROR_TEXT_MAX - 3] + "..."
+    return f"{type(error).__name__}: {text_}" if text_ != type(error).__name__ else text_
