@@ -35,6 +35,8 @@ from outbox_tasks.settings import Settings
 log = get_logger("relay")
 
 MAX_ERROR_LENGTH = 2000
+# Extra selections per batch when blocked aggregates crowd out the rest (see _select_batch).
+MAX_RESELECTS = 4
 
 
 class BatchOutcome(Protocol):
@@ -288,7 +290,10 @@ class Relay:
             report.more = True
         if not report.lease_lost:
             with translate_errors("release"), self.engine.begin() as conn:
-                store.release_lease(conn, lease)
+                if not store.release_lease(conn, lease):
+                    # Taken over while we were between batches (a stall past the lease).
+                    self._lost(lease, report)
+                    return report
                 # A row committed after our last select had its wake-up claim refused while we
                 # held the lease: say so, and the caller claims again at once. Only after a
                 # productive run, so rows that cannot move yet never cause a claim loop.
@@ -310,13 +315,10 @@ class Relay:
         lo, hi = lease.slot_lo, lease.slot_hi
         start = cursor if cursor is not None and lo <= cursor < hi else lo
         with translate_errors("select batch"), self.engine.begin() as conn:
-            rows = store.select_candidates(conn, start, hi, limit)
-            if len(rows) < limit and start > lo:
-                rows += store.select_candidates(conn, lo, start, limit - len(rows))
+            rows, batch = self._select_batch(conn, start, lo, hi, limit)
             if not rows:
                 return None
             full = len(rows) >= limit
-            batch = self._unbroken_prefixes(conn, rows)
             next_cursor = rows[-1].slot + 1 if full else lo
             if next_cursor >= hi:
                 next_cursor = lo
@@ -398,6 +400,37 @@ class Relay:
             skipped=len(result.skipped),
         )
         return next_cursor, full
+
+    def _select_batch(
+        self, conn: Connection, start: int, lo: int, hi: int, limit: int
+    ) -> tuple[list[store.Row], list[store.Row]]:
+        """Lock candidates and keep the unbroken per-aggregate prefixes (the batch).
+
+        Rows dropped because an earlier row of their aggregate is out of reach (locked by another
+        transaction: a stalled former holder, a replay) must not take the batch's room: select
+        again without those aggregates, so a few blocked aggregates cannot starve the partition
+        (DESIGN 4.3). Returns the first selection (it sets the cursor) and the batch.
+        """
+        skip: set[tuple[str, str]] = set()
+        first: list[store.Row] | None = None
+        selected: list[store.Row] = []
+        batch: list[store.Row] = []
+        for _ in range(MAX_RESELECTS):
+            want = limit - len(batch)
+            rows = store.select_candidates(conn, start, hi, want, skip=skip)
+            if len(rows) < want and start > lo:
+                rows += store.select_candidates(conn, lo, start, want - len(rows), skip=skip)
+            if first is None:
+                first = rows
+            selected += rows
+            batch = self._unbroken_prefixes(conn, selected)
+            if len(rows) < want or len(batch) >= limit:
+                break
+            kept = {row.seq for row in batch}
+            skip |= {
+                (row.aggregate_type, row.aggregate_id) for row in selected if row.seq not in kept
+            }
+        return first or [], batch
 
     def _unbroken_prefixes(self, conn: Connection, rows: list[store.Row]) -> list[store.Row]:
         """Keep, per aggregate, only rows with no earlier pending row outside the batch."""

@@ -13,7 +13,7 @@ holder sees its effect, or the grant wins and the write matches no lease and cha
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -276,6 +276,12 @@ _SELECT_CANDIDATES = text(
       -- that could still add an earlier row (see the guard CTE).
       AND (o.txid < (SELECT xmin FROM guard)
            OR age(o.txid::xid) > (SELECT oldest_local_age FROM guard))
+      -- Aggregates the caller already found blocked behind a row it cannot take.
+      AND NOT EXISTS (
+          SELECT 1 FROM unnest(CAST(:skip_types AS text[]), CAST(:skip_ids AS text[]))
+               AS s(aggregate_type, aggregate_id)
+          WHERE s.aggregate_type = o.aggregate_type AND s.aggregate_id = o.aggregate_id
+      )
       AND NOT EXISTS (
           SELECT 1 FROM blocked b
           WHERE b.aggregate_type = o.aggregate_type AND b.aggregate_id = o.aggregate_id
@@ -290,11 +296,28 @@ _SELECT_CANDIDATES = text(
 )
 
 
-def select_candidates(conn: Connection, slot_lo: int, slot_hi: int, limit: int) -> list[Row]:
-    """Lock up to ``limit`` due rows of a slot range (DESIGN 4.3), slot-major then seq."""
+def select_candidates(
+    conn: Connection,
+    slot_lo: int,
+    slot_hi: int,
+    limit: int,
+    *,
+    skip: Collection[tuple[str, str]] = (),
+) -> list[Row]:
+    """Lock up to ``limit`` due rows of a slot range (DESIGN 4.3), slot-major then seq, leaving
+    out the aggregates in ``skip``."""
     if limit <= 0 or slot_lo >= slot_hi:
         return []
-    result = conn.execute(_SELECT_CANDIDATES, {"lo": slot_lo, "hi": slot_hi, "limit": limit})
+    result = conn.execute(
+        _SELECT_CANDIDATES,
+        {
+            "lo": slot_lo,
+            "hi": slot_hi,
+            "limit": limit,
+            "skip_types": [k[0] for k in skip],
+            "skip_ids": [k[1] for k in skip],
+        },
+    )
     return [
         Row(
             id=r.id,

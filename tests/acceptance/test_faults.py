@@ -1,8 +1,10 @@
 """Faults injected into a running relay of real Celery workers (DESIGN 2.1, 2.4, 2.5, 2.6).
 
 A frozen worker that lost its lease, a worker killed mid-batch, the event broker down for 30 s,
-the database down for 15 s. An independent consumer checks what arrived; a test-only audit
-trigger (``tests.support.faults``) records which worker changed which outbox row and when.
+the database down for 15 s. An independent consumer, bound to the exchange on the Redis server
+directly and read in bulk so that it keeps up on a busy machine, checks what arrived; a
+test-only audit trigger (``tests.support.faults``) records which worker changed which outbox
+row, when, and under whose lease.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from tests.support.faults import (
     as_text,
     audit_count,
     backends,
+    bulk_collecting,
     count_action,
     double_marks,
     install_audit,
@@ -42,7 +45,6 @@ from tests.support.kit import (
     Collector,
     Received,
     bulk_insert,
-    collecting,
     pending_count,
     wait_until,
 )
@@ -79,39 +81,42 @@ def quiet(engine: Engine) -> bool:
     return not any(b["state"] == "active" for b in backends(engine))
 
 
-def blocks_takeover(engine: Engine) -> list[dict[str, Any]]:
-    """Sessions that, frozen, would keep any other worker from being granted the lease: an open
-    transaction holding the lease row (a renewal or a finish not yet committed) or the grant
-    lock. Such a freeze is not a lost lease but a stuck one, so the fencing test avoids it."""
-    return [
-        b
-        for b in backends(engine)
-        if "advisory" in b["locks"]
-        or any(lock.startswith("outbox_partition:RowExclusiveLock") for lock in b["locks"])
-    ]
+def open_transactions(engine: Engine) -> list[dict[str, Any]]:
+    """Sessions frozen inside a transaction. Freezing there is a different fault from a lost
+    lease: an uncommitted renewal or finish keeps the lease row locked (the lease is stuck, not
+    lost, until idle_in_transaction_session_timeout); a select-batch transaction keeps candidate
+    rows locked, so the successor has to work around their aggregates; and either holds an xid,
+    which holds back the cluster-wide commit-order guard of every relay on this server. The
+    fencing test freezes a worker between transactions only; the crash test may hold one in
+    its finishing transaction for at most a second, then kills it there."""
+    return [b for b in backends(engine) if b["state"] == "idle in transaction"]
 
 
 def freeze(proc: Proc, engine: Engine) -> None:
+    """SIGSTOP a worker's process group; return once its last statements have finished."""
     proc.signal(signal.SIGSTOP)
-    wait_until(lambda: stopped(proc), timeout=5, what=f"{proc.name} stopped")
-    wait_until(lambda: quiet(engine), timeout=5, what="the frozen worker's statements to end")
+    try:
+        wait_until(lambda: stopped(proc), timeout=5, what=f"{proc.name} stopped")
+        wait_until(lambda: quiet(engine), timeout=5, what="the frozen worker's statements to end")
+    except BaseException:
+        thaw(proc)
+        raise
 
 
 def thaw(proc: Proc) -> None:
     proc.signal(signal.SIGCONT)
 
 
-def mid_publish(lease: dict[str, Any], pids: list[int]) -> bool:
-    """The lease is live, held by one of ``pids``, and its publish task is in its batch loop
-    (a batch in flight, or at least one batch finished under this grant)."""
-    if not lease or not lease["live"] or owner_pid(lease["owner"]) not in pids:
-        return False
-    finished_one = (
-        lease["last_published_at"] is not None
-        and lease["granted_at"] is not None
-        and lease["last_published_at"] >= lease["granted_at"]
+def batch_in_flight(lease: dict[str, Any], pids: list[int]) -> bool:
+    """The lease is live, held by one of ``pids``, and a batch of it is in flight: marked in
+    flight (committed), not yet finished. Frozen there, the holder's next step on resuming is
+    the fenced finish of that batch."""
+    return bool(
+        lease
+        and lease["live"]
+        and owner_pid(lease["owner"]) in pids
+        and lease["inflight_max_seq"] is not None
     )
-    return lease["inflight_max_seq"] is not None or finished_one
 
 
 def assert_order(consumer: Collector) -> None:
@@ -162,9 +167,17 @@ def drained(engine: Engine, consumer: Collector, total: int) -> bool:
     )
 
 
-def app_env(name: str) -> dict[str, str]:
-    """Environment giving a worker its own PostgreSQL application_name (seen by the audit)."""
-    return {"OUTBOX_APPLICATION_NAME": name}
+def named(settings: Settings, application_name: str) -> Settings:
+    """A worker's settings with its own PostgreSQL application_name (what the audit records)."""
+    return settings.with_changes(application_name=application_name)
+
+
+def progress(engine: Engine, app: str) -> None:
+    """Wait until the worker ``app`` has marked at least one more row."""
+    marked = audit_count(engine, app)
+    wait_until(
+        lambda: audit_count(engine, app) > marked, timeout=10, what=f"{app} to make progress"
+    )
 
 
 def start(c: Cluster, *procs: Proc) -> None:
@@ -193,7 +206,7 @@ def test_a_frozen_worker_whose_lease_was_taken_over_changes_no_row_after_the_tak
     began = time.monotonic()
     with (
         another_redis_url() as own_broker,
-        collecting(settings.broker_url, settings.exchange) as consumer,
+        bulk_collecting(settings.broker_url, settings.exchange) as consumer,
         cluster(settings, tmp_path) as c,
     ):
         frozen_settings = settings.with_changes(
@@ -213,34 +226,30 @@ def test_a_frozen_worker_whose_lease_was_taken_over_changes_no_row_after_the_tak
             what="the first worker marking rows",
         )
 
-        # Freeze it while it holds the lease inside its publish loop (not while it holds the
-        # lease row locked in an uncommitted transaction: that would block, not lose, the lease).
+        # Freeze it with a batch in flight (sent or being sent, not yet marked), between two
+        # transactions (see open_transactions for why not inside one). Frozen between two
+        # batches instead, it would resume past its task's deadline and only hand the lease
+        # back (a fenced no-op) and chain a claim, never trying a stale write.
         lease: dict[str, Any] = {}
         for _attempt in range(30):
             freeze(frozen, engine)
             lease = lease_row(engine)
-            if mid_publish(lease, frozen_pids) and not blocks_takeover(engine):
+            if batch_in_flight(lease, frozen_pids) and not open_transactions(engine):
                 break
             thaw(frozen)
-            marked = audit_count(engine, "fault.frozen")
-            wait_until(
-                lambda m=marked: audit_count(engine, "fault.frozen") > m,
-                timeout=10,
-                what="the first worker to make progress",
-            )
+            progress(engine, "fault.frozen")
         else:
-            pytest.fail(f"could not freeze the worker mid-publish: {lease}")
+            pytest.fail(f"could not freeze the worker with a batch in flight: {lease}")
         try:
-            in_txn = [b for b in backends(engine) if b["state"] == "idle in transaction"]
             frozen_epoch = lease["epoch"]
             print(
                 f"\nfrozen at {since(began)} s: epoch {frozen_epoch}, lease until "
                 f"{as_text(lease['leased_until'])}, in-flight max seq "
-                f"{lease['inflight_max_seq']}, open transactions {in_txn}"
+                f"{lease['inflight_max_seq']}"
             )
             frozen_beat.stop()
 
-            successor = c.worker("successor", **app_env("fault.successor"))
+            successor = c.worker("successor", settings=named(settings, "fault.successor"))
             successor_beat = c.beat("beat-successor")
             start(c, successor, successor_beat)
             successor_pids = successor.pool_children()
@@ -360,14 +369,14 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_its_resent_messages_say_red
     second worker finishes; every row arrives, in order, and every second copy says
     ``outbox-redelivered: True``."""
     settings = settings.with_changes(partitions=1, batch_size=200, **FAST)
-    total = 12_000
+    total = 16_000
     install_audit(engine)
     began = time.monotonic()
     with (
-        collecting(settings.broker_url, settings.exchange) as consumer,
+        bulk_collecting(settings.broker_url, settings.exchange) as consumer,
         cluster(settings, tmp_path) as c,
     ):
-        victim = c.worker("victim", **app_env("fault.victim"))
+        victim = c.worker("victim", settings=named(settings, "fault.victim"))
         beat = c.beat()
         start(c, victim, beat)
         victim_pids = victim.pool_children()
@@ -392,12 +401,10 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_its_resent_messages_say_red
         for attempt in range(attempts):
             freeze(victim, engine)
             lease = lease_row(engine)
-            in_flight = (
-                lease.get("live")
-                and owner_pid(lease["owner"]) in victim_pids
-                and lease["inflight_max_seq"] is not None
-            )
-            if in_flight:
+            # Frozen with a batch in flight: sent (or being sent) and not marked, maybe in the
+            # middle of the finishing transaction (the kill aborts it). Wait at most a second
+            # for the batch to reach the consumer: that is the state that makes duplicates.
+            if batch_in_flight(lease, victim_pids):
                 try:
                     wait_until(sent_not_marked, timeout=1.0, what="the batch at the consumer")
                     state = "sent, not marked"
@@ -406,12 +413,7 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_its_resent_messages_say_red
             if state:
                 break
             thaw(victim)
-            marked = audit_count(engine, "fault.victim")
-            wait_until(
-                lambda m=marked: audit_count(engine, "fault.victim") > m,
-                timeout=10,
-                what="the worker to make progress",
-            )
+            progress(engine, "fault.victim")
         else:
             pytest.fail("could not catch the worker with a batch in flight")
         pending_at_kill = pending_count(engine)
@@ -422,7 +424,7 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_its_resent_messages_say_red
             f"{lease['inflight_max_seq']}, {pending_at_kill} rows pending"
         )
 
-        successor = c.worker("successor", **app_env("fault.successor"))
+        successor = c.worker("successor", settings=named(settings, "fault.successor"))
         c.wait_ready(successor)
         wait_until(
             lambda: drained(engine, consumer, total),
@@ -442,9 +444,12 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_its_resent_messages_say_red
         redelivered = sum(
             1 for m in consumer.snapshot() if m.headers.get("outbox-redelivered") is True
         )
+        attempts_seen = sorted(
+            {str(m.headers.get("outbox-attempt")) for m in later_copies(consumer)}
+        )
         print(
-            f"duplicates: {duplicates}; messages flagged redelivered: {redelivered}; "
-            f"done in {since(began)} s"
+            f"duplicates: {duplicates} (outbox-attempt on them: {attempts_seen}); messages "
+            f"flagged redelivered: {redelivered}; done in {since(began)} s"
         )
 
 
@@ -464,11 +469,13 @@ def test_thirty_seconds_without_the_event_broker_spends_no_retry_and_drains_soon
     install_audit(engine)
     outage = 30.0
     with (
-        collecting(settings.broker_url, settings.exchange) as consumer,
+        bulk_collecting(settings.broker_url, settings.exchange) as consumer,
         cluster(worker_settings, tmp_path) as c,
         producing(engine) as producer,
     ):
-        workers = [c.worker(f"w{i}", **app_env(f"fault.w{i}")) for i in range(2)]
+        workers = [
+            c.worker(f"w{i}", settings=named(worker_settings, f"fault.w{i}")) for i in range(2)
+        ]
         beat = c.beat()
         start(c, *workers, beat)
         pool = {w.name: w.pool_children() for w in workers}
@@ -478,10 +485,10 @@ def test_thirty_seconds_without_the_event_broker_spends_no_retry_and_drains_soon
         proxy.cut()
         cut_at = time.monotonic()
         written_at_cut = producer.count()
-        received_at_cut = consumer.count()
         wait_until(
             lambda: count_action(workers, "circuit_open") > 0, timeout=15, what="a circuit to open"
         )
+        received_at_cut = consumer.count()
         time.sleep(max(0.0, outage - (time.monotonic() - cut_at)))  # the outage itself
         received_during = consumer.count()
         proxy.restore()
@@ -515,7 +522,8 @@ def test_thirty_seconds_without_the_event_broker_spends_no_retry_and_drains_soon
         duplicates = assert_redelivered_duplicates(consumer)
         print(
             f"circuit_open: {opened}, circuit_closed: {closed}, publish_failed: {failed}, "
-            f"received while cut: {received_during - received_at_cut}, "
+            f"received while cut (after the first circuit_open): "
+            f"{received_during - received_at_cut}, "
             f"duplicates: {duplicates}, pool processes: {processes}"
         )
         assert 1 <= opened <= processes * 3
@@ -540,10 +548,12 @@ def test_fifteen_seconds_without_the_database_leaves_workers_alive_and_loses_not
     outage = 15.0
     backlog = 8000
     with (
-        collecting(settings.broker_url, settings.exchange) as consumer,
+        bulk_collecting(settings.broker_url, settings.exchange) as consumer,
         cluster(worker_settings, tmp_path) as c,
     ):
-        workers = [c.worker(f"w{i}", **app_env(f"fault.w{i}")) for i in range(2)]
+        workers = [
+            c.worker(f"w{i}", settings=named(worker_settings, f"fault.w{i}")) for i in range(2)
+        ]
         beat = c.beat()
         start(c, *workers, beat)
         pool = {w.name: w.pool_children() for w in workers}

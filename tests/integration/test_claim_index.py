@@ -113,7 +113,17 @@ def test_the_bulk_load_has_the_intended_shape(loaded_engine: Engine) -> None:
 def test_the_claim_query_walks_the_pending_index_not_the_table(loaded_engine: Engine) -> None:
     lo, hi = slot_range(0, 8)
     with loaded_engine.connect() as conn:
-        plan = _plan(conn, store._SELECT_CANDIDATES, {"lo": lo, "hi": hi, "limit": 500})
+        plan = _plan(
+            conn,
+            store._SELECT_CANDIDATES,
+            {
+                "lo": lo,
+                "hi": hi,
+                "limit": 500,
+                "skip_types": ["Order", "Order"],
+                "skip_ids": ["p1", "p7"],
+            },
+        )
 
     scans = _outbox_scans(plan)
     assert ("Index Scan", "ix_outbox_pending") in scans or (
@@ -136,7 +146,17 @@ def test_the_claim_query_uses_the_pending_index_for_every_partition_of_eight(
         for partition in range(8):
             lo, hi = slot_range(partition, 8)
             scans = _outbox_scans(
-                _plan(conn, store._SELECT_CANDIDATES, {"lo": lo, "hi": hi, "limit": 500})
+                _plan(
+                    conn,
+                    store._SELECT_CANDIDATES,
+                    {
+                        "lo": lo,
+                        "hi": hi,
+                        "limit": 500,
+                        "skip_types": ["Order", "Order"],
+                        "skip_ids": ["p1", "p7"],
+                    },
+                )
             )
             assert any(index == "ix_outbox_pending" for _, index in scans), (partition, scans)
             assert all(node_type != "Seq Scan" for node_type, _ in scans), (partition, scans)
@@ -145,7 +165,16 @@ def test_the_claim_query_uses_the_pending_index_for_every_partition_of_eight(
 def test_the_claim_query_returns_rows_in_slot_then_seq_order(loaded_engine: Engine) -> None:
     lo, hi = slot_range(0, 8)
     with loaded_engine.connect() as conn:
-        rows = conn.execute(store._SELECT_CANDIDATES, {"lo": lo, "hi": hi, "limit": 500}).all()
+        rows = conn.execute(
+            store._SELECT_CANDIDATES,
+            {
+                "lo": lo,
+                "hi": hi,
+                "limit": 500,
+                "skip_types": ["Order", "Order"],
+                "skip_ids": ["p1", "p7"],
+            },
+        ).all()
         conn.rollback()
 
     keys = [(r.slot, r.seq) for r in rows]

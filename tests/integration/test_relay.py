@@ -409,3 +409,23 @@ def test_delete_mode_removes_rows_in_the_statement_that_would_mark_them(
         wait_for(collector, 40)
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(*) FROM outbox")).scalar() == 0
+
+
+def test_rows_locked_by_a_stalled_transaction_do_not_starve_the_rest_of_the_partition(
+    settings: Settings, engine: Engine, publisher: BrokerPublisher
+) -> None:
+    """A former holder frozen inside its select transaction keeps the head rows of one aggregate
+    locked: the new holder skips that aggregate and publishes everything else."""
+    settings = settings.with_changes(partitions=1, batch_size=100)
+    bulk_insert(engine, 2000, 10)
+    with engine.connect() as stalled, collecting(settings.broker_url, settings.exchange) as got:
+        stalled.execute(
+            text("SELECT id FROM outbox WHERE aggregate_id = 'A0' ORDER BY seq LIMIT 50 FOR UPDATE")
+        )
+        assert drain(make_relay(settings, engine, publisher)) == 1800
+        wait_for(got, 1800)
+        assert not any(m.aggregate == ("Order", "A0") for m in got.snapshot())
+        stalled.rollback()
+        assert drain(make_relay(settings, engine, publisher)) == 200
+        wait_for(got, 2000)
+        assert got.order_violations() == []
