@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import secrets
 import shutil
@@ -34,7 +33,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import BigInteger, Numeric, Text
+from sqlalchemy import BigInteger, Numeric, Text, Uuid
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from outbox_tasks.embedded import EmbeddedServices, Guard, free_port, no_interrupts
@@ -43,6 +42,15 @@ from outbox_tasks.settings import Settings, env_var
 
 class DemoBase(DeclarativeBase):
     pass
+
+
+class DemoShipment(DemoBase):
+    """The demo consumer group's effect: one shipment per event, never two."""
+
+    __tablename__ = "demo_shipment"
+    event_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    order_id: Mapped[int] = mapped_column(BigInteger)
+    event_type: Mapped[str] = mapped_column(Text)
 
 
 class DemoOrder(DemoBase):
@@ -234,11 +242,17 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, settings: Settings, guard: Guard) -> int:
-    from kombu.connection import Connection
-    from kombu.entity import Exchange, Queue
+    from sqlalchemy import event as sqlalchemy_event
     from sqlalchemy.orm import Session
 
     from outbox_tasks.cli import _alembic_config
+    from outbox_tasks.consumer import (
+        Consumer,
+        ConsumerGroup,
+        Event,
+        declare_topology,
+        delete_topology,
+    )
     from outbox_tasks.db import make_engine
     from outbox_tasks.schema import OutboxMessage
 
@@ -280,49 +294,40 @@ def _run(args: argparse.Namespace, settings: Settings, guard: Guard) -> int:
         guard.kill_group(proc.pid)
         procs.append((name, proc))
 
-    exchange = Exchange(settings.exchange, type="topic", durable=True)
-    queue = Queue(
-        f"outbox.demo.{uuid.uuid4().hex[:8]}",
-        exchange,
-        routing_key="#",
-        auto_delete=False,
-        durable=True,
-    )
     tally = _Tally()
     stop_producing = threading.Event()
     stop_consuming = threading.Event()
     last_seq: dict[str, int] = {}
-    seen: set[str] = set()
 
-    def on_message(body: Any, message: Any) -> None:
-        data = json.loads(message.body)
-        occurred = datetime.fromisoformat(data["occurred_at"])
-        with tally.lock:
-            if data["id"] in seen:
-                tally.duplicates += 1
-            else:
-                seen.add(data["id"])
+    def on_event(event: Event, session: Session) -> None:
+        """The demo's consumer-group handler: ship the order. Its receipt commits with it, so a
+        redelivered event is skipped by the group and never ships twice."""
+        session.add(
+            DemoShipment(
+                event_id=event.id, order_id=int(event.aggregate_id), event_type=event.event_type
+            )
+        )
+        session.flush()
+        latency = (datetime.now(UTC) - event.occurred_at).total_seconds()
+
+        def counted() -> None:
+            with tally.lock:
                 tally.consumed += 1
-                tally.latencies.append((datetime.now(UTC) - occurred).total_seconds())
-                key = data["aggregate_id"]
-                if data["sequence"] < last_seq.get(key, -1):
+                tally.latencies.append(latency)
+                key = event.aggregate_id
+                if event.sequence < last_seq.get(key, -1):
                     tally.order_violations += 1
-                last_seq[key] = max(last_seq.get(key, -1), data["sequence"])
-        message.ack()
+                last_seq[key] = max(last_seq.get(key, -1), event.sequence)
 
-    ready = threading.Event()
+        # Count only what committed.
+        sqlalchemy_event.listen(session, "after_commit", lambda _s: counted(), once=True)
 
-    def consume() -> None:
-        with (
-            Connection(settings.effective_publish_url) as conn,
-            conn.Consumer([queue], callbacks=[on_message], accept=["json"]),
-        ):
-            ready.set()
-            while not stop_consuming.is_set():
-                try:
-                    conn.drain_events(timeout=0.2)
-                except TimeoutError:
-                    continue
+    group = ConsumerGroup(
+        name=f"demo-{uuid.uuid4().hex[:6]}", bindings=("Order.*",), handler=on_event
+    )
+    declare_topology(group, settings=settings)
+    group_consumer = Consumer(group, settings)
+    consumer = threading.Thread(target=group_consumer.run, args=(stop_consuming,), daemon=True)
 
     def produce() -> None:
         interval = 1.0 / max(args.rate, 0.1)
@@ -357,7 +362,6 @@ def _run(args: argparse.Namespace, settings: Settings, guard: Guard) -> int:
             if delay > 0:
                 stop_producing.wait(delay)
 
-    consumer = threading.Thread(target=consume, daemon=True)
     producer = threading.Thread(target=produce, daemon=True)
     interrupted = False
     started = time.monotonic()
@@ -386,7 +390,8 @@ def _run(args: argparse.Namespace, settings: Settings, guard: Guard) -> int:
         line = (
             f"t={now - started:5.1f}s written={written} consumed={consumed} "
             f"pending={pending()} rate={rate:.0f}/s latency p50={p50} p99={p99} "
-            f"dup={tally.duplicates} order-violations={tally.order_violations}"
+            f"dup={group_consumer.outcomes['duplicate']} "
+            f"order-violations={tally.order_violations}"
         )
         if args.no_tty or final or not sys.stdout.isatty():
             print(line, flush=True)
@@ -396,8 +401,8 @@ def _run(args: argparse.Namespace, settings: Settings, guard: Guard) -> int:
     published_metric: float | None = None
     try:
         consumer.start()
-        if not ready.wait(15):
-            raise SystemExit("outbox-tasks demo: could not bind the demo queue on the broker")
+        if not group_consumer.ready.wait(30):
+            raise SystemExit("outbox-tasks demo: the consumer group could not start")
         spawn(
             "worker",
             [*celery, "worker", "-c", str(args.workers), "-n", "demo@%h", "--loglevel", "INFO"],
@@ -470,12 +475,12 @@ def _run(args: argparse.Namespace, settings: Settings, guard: Guard) -> int:
                     os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait(10)
             stop_consuming.set()
-            consumer.join(5)
+            consumer.join(10)
+            tally.duplicates = group_consumer.outcomes["duplicate"]
             try:
-                with Connection(settings.effective_publish_url) as conn:
-                    queue(conn.default_channel).delete()
+                delete_topology(group, settings=settings)
             except Exception:
-                print("note: could not delete the demo queue", queue.name)
+                print(f"note: could not delete the demo group's queues ({group.name})")
             engine.dispose()
     ok = tally.consumed == tally.written and tally.order_violations == 0
     # Stopped by a second Ctrl-C before the rest arrived: not a failure of the relay.
