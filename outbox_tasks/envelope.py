@@ -159,7 +159,8 @@ class StoredRow(Protocol):
 def message_for_row(
     row: StoredRow, *, partition: int, epoch: int, redelivered: bool
 ) -> OutboundMessage:
-    """The message for an outbox row; ``outbox-attempt`` is ``retry_count + 1``."""
+    """The message for an outbox row. ``outbox-attempt`` is ``retry_count + 1``, plus one when
+    the row may have been sent before (a redelivery is at least its second attempt)."""
     return build_message(
         event_id=row.id,
         aggregate_type=row.aggregate_type,
@@ -172,6 +173,6 @@ def message_for_row(
         user_headers=row.headers,
         partition=partition,
         epoch=epoch,
-        attempt=row.retry_count + 1,
+        attempt=row.retry_count + 1 + int(redelivered),
         redelivered=redelivered,
     )

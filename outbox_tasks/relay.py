@@ -328,7 +328,7 @@ class Relay:
             if not store.mark_inflight(
                 conn,
                 lease,
-                max_seq=max(r.seq for r in batch),
+                ids=[r.id for r in batch],
                 cursor_slot=next_cursor,
                 lease_seconds=self.settings.lease_seconds,
             ):
@@ -456,9 +456,11 @@ class Relay:
         return kept
 
     def _message(self, lease: store.Lease, row: store.Row) -> OutboundMessage:
-        redelivered = lease.redeliver_max_seq is not None and row.seq <= lease.redeliver_max_seq
         return message_for_row(
-            row, partition=lease.partition, epoch=lease.epoch, redelivered=redelivered
+            row,
+            partition=lease.partition,
+            epoch=lease.epoch,
+            redelivered=row.id in lease.redeliver_ids,
         )
 
     def _failures(self, batch: Sequence[store.Row], failed: dict[str, str]) -> list[store.Failure]:

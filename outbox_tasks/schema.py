@@ -27,7 +27,7 @@ from sqlalchemy import (
     Uuid,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import UserDefinedType
 
@@ -256,8 +256,9 @@ class OutboxPartition(Base):
     """One lease per partition of one partition count (generation).
 
     ``epoch`` grows on every grant; every write a lease holder makes checks it in the same
-    statement (fencing). ``inflight_max_seq`` is set while a batch is at the broker, so the next
-    holder knows which rows may have been sent already (``outbox-redelivered``).
+    statement (fencing). ``inflight_ids`` holds the batch that is at the broker, so the next
+    holder knows exactly which rows may have been sent already (``outbox-redelivered``);
+    ``redeliver_ids`` are those rows, still pending, as of the last grant.
     """
 
     __tablename__ = "outbox_partition"
@@ -270,8 +271,8 @@ class OutboxPartition(Base):
     epoch: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
     leased_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     granted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    inflight_max_seq: Mapped[int | None] = mapped_column(BigInteger)
-    redeliver_max_seq: Mapped[int | None] = mapped_column(BigInteger)
+    inflight_ids: Mapped[list[uuid.UUID] | None] = mapped_column(ARRAY(Uuid))
+    redeliver_ids: Mapped[list[uuid.UUID] | None] = mapped_column(ARRAY(Uuid))
     cursor_slot: Mapped[int | None] = mapped_column(SmallInteger)
     last_published_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     published_count: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))

@@ -34,7 +34,7 @@ class Lease:
     slot_hi: int
     epoch: int
     owner: str
-    redeliver_max_seq: int | None
+    redeliver_ids: frozenset[uuid.UUID]
     cursor_slot: int | None
 
 
@@ -85,7 +85,7 @@ def _lease(row: Any, partition_count: int, partition: int, owner: str) -> Lease:
         slot_hi=row.slot_hi,
         epoch=row.epoch,
         owner=owner,
-        redeliver_max_seq=row.redeliver_max_seq,
+        redeliver_ids=frozenset(row.redeliver_ids or ()),
         cursor_slot=row.cursor_slot,
     )
 
@@ -116,12 +116,19 @@ _GRANT = text(
         leased_until = clock_timestamp() + make_interval(secs => :lease_seconds),
         -- Rows a previous holder may have sent without marking: every holder of an overlapping
         -- range, of any partition count, counts (a crash leaves its in-flight marker behind).
-        redeliver_max_seq = (
-            SELECT max(GREATEST(o.inflight_max_seq, o.redeliver_max_seq))
+        -- Rows a previous holder may have sent without marking: the in-flight batch left by
+        -- every holder of an overlapping range, of any partition count (a crash leaves it
+        -- behind), and those still pending from earlier grants. Published ones drop out.
+        redeliver_ids = ARRAY(
+            SELECT DISTINCT x.id
             FROM outbox_partition o
+            CROSS JOIN LATERAL unnest(
+                COALESCE(o.inflight_ids, '{}'::uuid[]) || COALESCE(o.redeliver_ids, '{}'::uuid[])
+            ) AS u(id)
+            JOIN outbox x ON x.id = u.id AND x.published_at IS NULL
             WHERE o.slot_lo < l.slot_hi AND o.slot_hi > l.slot_lo
         ),
-        inflight_max_seq = NULL
+        inflight_ids = NULL
     WHERE l.partition_count = :n AND l.partition = :p
       AND (l.leased_until IS NULL OR l.leased_until <= clock_timestamp())
       -- Repartitioning: never grant a range that overlaps a live lease of another count.
@@ -131,7 +138,7 @@ _GRANT = text(
             AND o.leased_until > clock_timestamp()
             AND o.slot_lo < l.slot_hi AND o.slot_hi > l.slot_lo
       )
-    RETURNING l.slot_lo, l.slot_hi, l.epoch, l.redeliver_max_seq, l.cursor_slot
+    RETURNING l.slot_lo, l.slot_hi, l.epoch, l.redeliver_ids, l.cursor_slot
     """
 )
 
@@ -153,7 +160,7 @@ _TAKE_OVER = text(
     SET owner = :owner, leased_until = clock_timestamp() + make_interval(secs => :lease_seconds)
     WHERE partition_count = :n AND partition = :p AND epoch = :epoch
       AND leased_until > clock_timestamp()
-    RETURNING slot_lo, slot_hi, epoch, redeliver_max_seq, cursor_slot
+    RETURNING slot_lo, slot_hi, epoch, redeliver_ids, cursor_slot
     """
 )
 
@@ -195,13 +202,19 @@ def release_lease(conn: Connection, lease: Lease) -> bool:
 
 
 def mark_inflight(
-    conn: Connection, lease: Lease, *, max_seq: int, cursor_slot: int, lease_seconds: float
+    conn: Connection,
+    lease: Lease,
+    *,
+    ids: Sequence[uuid.UUID],
+    cursor_slot: int,
+    lease_seconds: float,
 ) -> bool:
     """Before a batch goes to the broker: renew the lease, record what is in flight and where the
     next scan starts. Committed before publishing, so a crash leaves the marker behind."""
     result = conn.execute(
         text(
-            "UPDATE outbox_partition SET inflight_max_seq = :max_seq, cursor_slot = :cursor, "
+            "UPDATE outbox_partition SET inflight_ids = CAST(:ids AS uuid[]), "
+            "cursor_slot = :cursor, "
             "leased_until = clock_timestamp() + make_interval(secs => :lease_seconds) "
             "WHERE partition_count = :n AND partition = :p AND epoch = :epoch "
             "AND leased_until > clock_timestamp()"
@@ -210,7 +223,7 @@ def mark_inflight(
             "n": lease.partition_count,
             "p": lease.partition,
             "epoch": lease.epoch,
-            "max_seq": max_seq,
+            "ids": list(ids),
             "cursor": cursor_slot,
             "lease_seconds": lease_seconds,
         },
@@ -377,7 +390,7 @@ def pending_seqs(
 _FENCE_CTE = """
     lease AS (
         UPDATE outbox_partition
-        SET inflight_max_seq = NULL,
+        SET inflight_ids = NULL,
             published_count = published_count + :n_ok,
             last_published_at = CASE WHEN :n_ok > 0 THEN clock_timestamp()
                                      ELSE last_published_at END

@@ -115,7 +115,7 @@ def batch_in_flight(lease: dict[str, Any], pids: list[int]) -> bool:
         lease
         and lease["live"]
         and owner_pid(lease["owner"]) in pids
-        and lease["inflight_max_seq"] is not None
+        and lease["inflight_ids"] is not None
     )
 
 
@@ -245,7 +245,7 @@ def test_a_frozen_worker_whose_lease_was_taken_over_changes_no_row_after_the_tak
             print(
                 f"\nfrozen at {since(began)} s: epoch {frozen_epoch}, lease until "
                 f"{as_text(lease['leased_until'])}, in-flight max seq "
-                f"{lease['inflight_max_seq']}"
+                f"{len(lease['inflight_ids'] or [])} in flight"
             )
             frozen_beat.stop()
 
@@ -421,7 +421,7 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_its_resent_messages_say_red
         killed_at = time.monotonic()
         print(
             f"\nkilled at {since(began)} s, batch {state}, in-flight max seq "
-            f"{lease['inflight_max_seq']}, {pending_at_kill} rows pending"
+            f"{len(lease['inflight_ids'] or [])} in flight, {pending_at_kill} rows pending"
         )
 
         successor = c.worker("successor", settings=named(settings, "fault.successor"))

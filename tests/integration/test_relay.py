@@ -235,7 +235,7 @@ def test_rows_sent_by_a_crashed_holder_are_resent_marked_redelivered(
     with engine.begin() as conn:
         rows = store.select_candidates(conn, lease.slot_lo, lease.slot_hi, 10)
         assert store.mark_inflight(
-            conn, lease, max_seq=max(r.seq for r in rows), cursor_slot=0, lease_seconds=30
+            conn, lease, ids=[r.id for r in rows], cursor_slot=0, lease_seconds=30
         )
     with collecting(settings.broker_url, settings.exchange) as collector:
         publisher.publish_batch([relay._message(lease, r) for r in rows])
