@@ -223,6 +223,7 @@ class Relay:
                 return None
             store.lock_lease_table(conn)
             store.ensure_partition_row(conn, n, partition, lo, hi)
+            store.lock_overlapping_leases(conn, n, lo, hi)
             lease = store.grant_lease(conn, n, partition, self.owner, self.settings.lease_seconds)
         if lease is not None:
             event(

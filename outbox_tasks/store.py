@@ -107,6 +107,28 @@ def ensure_partition_row(
     )
 
 
+def lock_overlapping_leases(
+    conn: Connection, partition_count: int, slot_lo: int, slot_hi: int
+) -> None:
+    """Before a grant: share-lock the lease rows of OTHER partition counts over the range.
+
+    A holder renews its lease (``mark_inflight``, ``take_over_lease``) in an UPDATE whose
+    transaction commits a moment later. The grant's NOT EXISTS reads committed rows only, so
+    without this lock it can take a lease that is being renewed for an expired one and grant an
+    overlapping range: two live leases, two publishers of the same aggregates, and the newcomer
+    does not even see the holder's in-flight marker. FOR SHARE waits for that transaction; the
+    grant, a new statement (READ COMMITTED), then sees the renewal. Same-count grants need no
+    such lock: they update the very row the holder renews.
+    """
+    conn.execute(
+        text(
+            "SELECT 1 FROM outbox_partition WHERE partition_count <> :n "
+            "AND slot_lo < :hi AND slot_hi > :lo FOR SHARE"
+        ),
+        {"n": partition_count, "lo": slot_lo, "hi": slot_hi},
+    )
+
+
 _GRANT = text(
     """
     UPDATE outbox_partition AS l

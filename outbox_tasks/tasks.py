@@ -81,11 +81,13 @@ def _enqueue_publish(partition: int, epoch: int, partition_count: int) -> None:
     publish.apply_async(args=(partition, epoch, partition_count), expires=settings.lease_seconds)
 
 
-def claim_and_dispatch(relay: Relay, partitions: list[int]) -> list[int]:
+def claim_and_dispatch(
+    relay: Relay, partitions: list[int], partition_count: int | None = None
+) -> list[int]:
     """Claim each partition; enqueue a publish task for every lease granted."""
     granted = []
     for partition in partitions:
-        lease = relay.claim(partition)
+        lease = relay.claim(partition, partition_count)
         if lease is not None:
             _enqueue_publish(partition, lease.epoch, lease.partition_count)
             granted.append(partition)
@@ -93,13 +95,18 @@ def claim_and_dispatch(relay: Relay, partitions: list[int]) -> list[int]:
 
 
 @app.task(name="outbox.claim")
-def claim(partition: int | None = None) -> dict[str, Any]:
+def claim(partition: int | None = None, partition_count: int | None = None) -> dict[str, Any]:
     """Lease partitions that have due rows (all of them when ``partition`` is None) and hand
-    each lease to a publish task. Idempotent: live leases are left alone."""
+    each lease to a publish task. Idempotent: live leases are left alone.
+
+    ``partition_count`` is the count ``partition`` belongs to (drain chaining passes it): while
+    OUTBOX_PARTITIONS is being changed, the claim may run on a worker configured with the other
+    count. Granting is safe across counts (overlapping live leases are refused)."""
     relay = runtime.get()
-    wanted = list(range(settings.partitions)) if partition is None else [partition]
+    n = partition_count or settings.partitions
+    wanted = list(range(n)) if partition is None else [partition]
     try:
-        granted = claim_and_dispatch(relay, wanted)
+        granted = claim_and_dispatch(relay, wanted, n)
     except DatabaseUnavailable as error:
         event(log, logging.WARNING, "database_unavailable", "claim skipped", error=str(error))
         return {"granted": [], "error": "database_unavailable"}
@@ -125,7 +132,10 @@ def publish(partition: int, epoch: int, partition_count: int) -> dict[str, Any]:
         return {"partition": partition, "epoch": epoch, "error": "database_unavailable"}
     if report.more and not report.circuit_open and not report.lease_lost:
         # Drain chaining: a full partition does not wait for the next beat tick.
-        claim.apply_async(args=(partition,), expires=max(settings.poll_interval_seconds * 3, 1.0))
+        claim.apply_async(
+            args=(partition, partition_count),
+            expires=max(settings.poll_interval_seconds * 3, 1.0),
+        )
     return report.as_dict()
 
 

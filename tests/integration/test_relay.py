@@ -15,11 +15,12 @@ from sqlalchemy.orm import Session
 from outbox_tasks import store
 from outbox_tasks.envelope import OutboundMessage
 from outbox_tasks.errors import DatabaseUnavailable
+from outbox_tasks.partitioning import partition_of_aggregate
 from outbox_tasks.publisher import BatchResult, BrokerPublisher
 from outbox_tasks.relay import Relay
 from outbox_tasks.schema import OutboxMessage
 from outbox_tasks.settings import Settings
-from tests.support.kit import bulk_insert, collecting, insert_events, pending_count
+from tests.support.kit import bulk_insert, collecting, insert_events, pending_count, wait_until
 from tests.support.publishers import RefusingPublisher
 from tests.support.relaying import drain, make_relay, wait_for
 
@@ -429,3 +430,61 @@ def test_rows_locked_by_a_stalled_transaction_do_not_starve_the_rest_of_the_part
         assert drain(make_relay(settings, engine, publisher)) == 200
         wait_for(got, 2000)
         assert got.order_violations() == []
+
+
+def test_a_grant_under_another_partition_count_waits_for_a_renewal_in_progress(
+    settings: Settings, engine: Engine, publisher: BrokerPublisher
+) -> None:
+    """A holder renews its lease in a transaction that commits only after the old expiry; a
+    grant for an overlapping range of another partition count must wait and then see the
+    renewal, never grant a second live lease over the same aggregates."""
+    [event_id] = insert_events(engine, [("Order", "x")])
+    four = make_relay(
+        settings.with_changes(partitions=4, lease_seconds=1, publish_task_seconds=0.5),
+        engine,
+        publisher,
+        owner="holder",
+    )
+    eight = make_relay(settings.with_changes(partitions=8), engine, publisher, owner="newcomer")
+    lease = four.claim(partition_of_aggregate("Order", "x", 4))
+    assert lease is not None
+    with engine.connect() as holder:
+        holder.begin()
+        assert store.mark_inflight(holder, lease, ids=[event_id], cursor_slot=0, lease_seconds=30)
+        # Let the lease as committed expire while its renewal is still uncommitted.
+        wait_until(lambda: expired(engine), timeout=10, what="the committed lease to expire")
+        granted: list[object] = []
+        claimer = threading.Thread(
+            target=lambda: granted.append(eight.claim(partition_of_aggregate("Order", "x", 8)))
+        )
+        claimer.start()
+        wait_until(lambda: waiting_on_a_lock(engine), timeout=10, what="the grant to wait")
+        holder.commit()
+    claimer.join(10)
+    assert granted == [None]
+    with engine.connect() as conn:
+        live = conn.execute(
+            text("SELECT partition_count FROM outbox_partition WHERE leased_until > now()")
+        ).scalars()
+        assert list(live) == [4]
+
+
+def expired(engine: Engine) -> bool:
+    with engine.connect() as conn:
+        return bool(
+            conn.execute(
+                text("SELECT bool_and(leased_until < clock_timestamp()) FROM outbox_partition")
+            ).scalar()
+        )
+
+
+def waiting_on_a_lock(engine: Engine) -> bool:
+    with engine.connect() as conn:
+        return bool(
+            conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND wait_event_type = 'Lock'"
+                )
+            ).scalar()
+        )
