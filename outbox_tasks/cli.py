@@ -76,7 +76,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     import time
 
     from outbox_tasks.db import make_engine, translate_errors
-    from outbox_tasks.status import collect_status, render_status
+    from outbox_tasks.status import add_circuits, collect_status, render_status, worker_circuits
 
     settings = _settings(args)
     engine = make_engine(settings, application_name="outbox_tasks.cli", pool_size=1)
@@ -84,6 +84,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         while True:
             with translate_errors("status"):
                 status = collect_status(engine, settings)
+            if not args.no_workers:
+                add_circuits(status, worker_circuits())
             if args.json:
                 print(json.dumps(status.as_dict(), indent=2, default=str), flush=True)
             else:
@@ -309,6 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--database-url", help=db_help)
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--watch", type=float, metavar="SECONDS", help="refresh every SECONDS")
+    status.add_argument(
+        "--no-workers",
+        action="store_true",
+        help="do not ask workers for their circuit state (env OUTBOX_BROKER_URL)",
+    )
     status.set_defaults(func=cmd_status)
 
     events = sub.add_parser(

@@ -203,6 +203,19 @@ def serve(port: int, directory: str, address: str = "0.0.0.0") -> CollectorRegis
     return registry
 
 
+def pool_gauge(directory: str, name: str) -> float | None:
+    """The value the endpoint would serve for one of the pool's gauges (e.g. the circuit)."""
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    values_seen = [
+        sample.value
+        for family in registry.collect()
+        if family.name == name
+        for sample in family.samples
+    ]
+    return max(values_seen) if values_seen else None
+
+
 def process_exited(pid: int) -> None:
     """Drop a dead pool process's live gauges (its counters still count)."""
     multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

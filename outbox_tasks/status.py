@@ -38,6 +38,8 @@ class Status:
     retrying_messages: int
     last_published_at: datetime | None
     published_last_minute: int
+    # Worker name -> circuit open (None: that worker could not tell); None: no worker answered.
+    circuits: dict[str, bool | None] | None = None
     dead_tuples: int = 0
     live_tuples: int = 0
     last_autovacuum: datetime | None = None
@@ -155,6 +157,30 @@ def collect_status(engine: Engine, settings: Settings) -> Status:
     return status
 
 
+def worker_circuits(timeout: float = 1.0) -> dict[str, bool | None] | None:
+    """Ask every running worker whether its broker circuit is open (Celery inspect)."""
+    from outbox_tasks.celery import app
+
+    try:
+        replies = app.control.broadcast("outbox_circuit", reply=True, timeout=timeout) or []
+    except Exception:  # status must work when the Celery broker does not
+        return None
+    circuits: dict[str, bool | None] = {}
+    for reply in replies:
+        for name, answer in reply.items():
+            circuits[name] = answer.get("open") if isinstance(answer, dict) else None
+    return circuits or None
+
+
+def add_circuits(status: Status, circuits: dict[str, bool | None] | None) -> None:
+    status.circuits = circuits
+    open_on = sorted(name for name, is_open in (circuits or {}).items() if is_open)
+    if open_on:
+        status.problems.append(
+            f"broker circuit open on {len(open_on)} worker(s): {', '.join(open_on)}"
+        )
+
+
 def render_status(status: Status) -> str:
     age = status.oldest_pending_age_seconds
     lines = [
@@ -164,6 +190,7 @@ def render_status(status: Status) -> str:
         f"dead letters / parked {status.parked_messages} / {status.parked_aggregates} aggregates",
         f"published last minute {status.published_last_minute}",
         f"last publish          {status.last_published_at or '-'}",
+        f"broker circuit        {_circuits_line(status.circuits)}",
         "",
         "partition  slots       owner                          epoch  backlog  lease until",
     ]
@@ -190,3 +217,14 @@ def db_snapshot(status: Status) -> dict[str, float]:
             status.last_autovacuum.timestamp() if status.last_autovacuum else 0.0
         ),
     }
+
+
+def _circuits_line(circuits: dict[str, bool | None] | None) -> str:
+    if not circuits:
+        return "unknown (no worker answered)"
+    opened = sum(1 for v in circuits.values() if v)
+    return (
+        f"open on {opened} of {len(circuits)} worker(s)"
+        if opened
+        else (f"closed on all {len(circuits)} worker(s)")
+    )

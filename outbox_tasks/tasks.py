@@ -14,7 +14,7 @@ from typing import Any
 
 from celery import bootsteps
 from celery.signals import worker_init, worker_process_shutdown, worker_shutdown
-from celery.worker.control import control_command
+from celery.worker.control import control_command, inspect_command
 
 from outbox_tasks import deadletter
 from outbox_tasks.celery import app, settings
@@ -22,7 +22,14 @@ from outbox_tasks.cleanup import run_cleanup
 from outbox_tasks.db import make_engine, translate_errors
 from outbox_tasks.errors import BrokerUnavailable, DatabaseUnavailable
 from outbox_tasks.logs import configure, event, get_logger
-from outbox_tasks.metrics import SNAPSHOT, RelayMetrics, enable_multiprocess, process_exited, serve
+from outbox_tasks.metrics import (
+    SNAPSHOT,
+    RelayMetrics,
+    enable_multiprocess,
+    pool_gauge,
+    process_exited,
+    serve,
+)
 from outbox_tasks.publisher import BrokerPublisher
 from outbox_tasks.relay import Relay
 from outbox_tasks.status import collect_status, db_snapshot
@@ -192,6 +199,17 @@ def outbox_metrics_snapshot(state: Any, snapshot: dict[str, float]) -> dict[str,
     """Remote control command: store the latest database snapshot for the metrics endpoint."""
     SNAPSHOT.update(snapshot, time.time())
     return {"ok": True}
+
+
+@inspect_command()
+def outbox_circuit(state: Any) -> dict[str, Any]:
+    """Inspect command for `outbox-tasks status`: is the broker circuit open in this worker's
+    pool? (Read from the pool's metric files, where every process records its circuit.)"""
+    directory = _MetricsServer.directory
+    if directory is None:
+        return {"open": None}
+    value = pool_gauge(directory, "outbox_circuit_open")
+    return {"open": None if value is None else bool(value)}
 
 
 class _MetricsServer:

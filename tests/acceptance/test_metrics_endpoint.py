@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -11,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import Engine
 
 from outbox_tasks.settings import Settings
-from tests.support.cluster import cluster
+from tests.support.cluster import cluster, settings_env
 from tests.support.kit import bulk_insert, collecting, pending_count, wait_until
 
 pytestmark = pytest.mark.slow
@@ -80,3 +83,15 @@ def test_published_total_rises_by_exactly_the_number_published_and_pending_falls
         assert metrics["outbox_relay_last_success_timestamp_seconds"] > 0
         assert metrics.get("outbox_circuit_open", 0) == 0
         assert "outbox_partitions_unowned" in metrics
+        # `outbox-tasks status` asks the running worker for its circuit (closed) and is healthy.
+        done = subprocess.run(
+            [sys.executable, "-m", "outbox_tasks.cli", "status", "--json"],
+            env=settings_env(settings),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        report = json.loads(done.stdout)
+        assert done.returncode == 0, done.stderr
+        assert report["circuits"] and not any(report["circuits"].values())

@@ -10,7 +10,7 @@ from sqlalchemy.engine import Engine
 
 from outbox_tasks.cli import main
 from outbox_tasks.settings import Settings
-from outbox_tasks.status import collect_status, db_snapshot
+from outbox_tasks.status import add_circuits, collect_status, db_snapshot, render_status
 from tests.support.kit import insert_events
 
 
@@ -51,3 +51,13 @@ def test_events_lists_event_types_with_volumes(
     assert main(["events", "--json", "--database-url", settings.database_url]) == 0
     [row] = json.loads(capsys.readouterr().out)
     assert (row["aggregate_type"], row["event_type"], row["total"]) == ("Order", "OrderPaid", 2)
+
+
+def test_an_open_broker_circuit_on_any_worker_needs_attention(
+    settings: Settings, engine: Engine
+) -> None:
+    status = collect_status(engine, settings)
+    add_circuits(status, {"w1@host": True, "w2@host": False})
+    assert not status.healthy
+    assert "broker circuit open on 1 worker(s): w1@host" in status.problems
+    assert "open on 1 of 2 worker(s)" in render_status(status)
