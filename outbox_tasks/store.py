@@ -438,40 +438,30 @@ _FAILED_CTE = """
         RETURNING o.id
     )"""
 
-_FINISH_MARK = text(
-    "WITH"
-    + _FENCE_CTE
-    + """,
-    done AS (
-        UPDATE outbox SET published_at = (SELECT at FROM lease)
-        WHERE id = ANY(CAST(:ok_ids AS uuid[])) AND published_at IS NULL
-          AND EXISTS (SELECT 1 FROM lease)
-        RETURNING id
-    ),"""
-    + _FAILED_CTE
-    + """
-    SELECT (SELECT at FROM lease) AS at, (SELECT count(*) FROM done) AS done,
-           (SELECT count(*) FROM failed) AS failed
-    """
-)
 
-# OUTBOX_CLEANUP_MODE=delete: the published rows go in the same statement that would mark them.
-_FINISH_DELETE = text(
-    "WITH"
-    + _FENCE_CTE
-    + """,
+def _finish(done: str) -> Any:
+    """The per-batch finishing statement: fence, ``done`` (mark or delete), failures."""
+    return text(
+        "WITH"
+        + _FENCE_CTE
+        + f""",
     done AS (
-        DELETE FROM outbox
+        {done}
         WHERE id = ANY(CAST(:ok_ids AS uuid[])) AND published_at IS NULL
           AND EXISTS (SELECT 1 FROM lease)
         RETURNING id
     ),"""
-    + _FAILED_CTE
-    + """
+        + _FAILED_CTE
+        + """
     SELECT (SELECT at FROM lease) AS at, (SELECT count(*) FROM done) AS done,
            (SELECT count(*) FROM failed) AS failed
     """
-)
+    )
+
+
+_FINISH_MARK = _finish("UPDATE outbox SET published_at = (SELECT at FROM lease)")
+# OUTBOX_CLEANUP_MODE=delete: the published rows go in the same statement that would mark them.
+_FINISH_DELETE = _finish("DELETE FROM outbox")
 
 
 def finish_batch(
