@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from collections import deque
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
@@ -278,26 +279,37 @@ class _RedisLink:
         deadletter = channel.deadletter_queue
         # The one read of the binding table for the whole batch (kombu does it per message).
         table = channel.get_table(exchange)
+        # Every message is sent with the default priority, so its list keys depend on the
+        # routing key only: computed once per routing key per batch.
+        priority = channel.default_priority
         routes: dict[str, list[str]] = {}
+        # kombu draws a uuid4 per message for the delivery tag; one per batch plus the index
+        # is just as unique and costs nothing per message.
+        tag_prefix = uuid.uuid4().hex
 
         published: list[str] = []
         failed: dict[str, str] = {}
         skipped: list[str] = []
         unroutable = 0
         dead: set[tuple[str, str]] = set()
-        pushes: list[tuple[str, str]] = []
-        for message in messages:
+        pushes: dict[str, list[str]] = {}
+        for index, message in enumerate(messages):
             if message.aggregate_key in dead:
                 skipped.append(message.event_id)
                 continue
-            queues = routes.get(message.routing_key)
-            if queues is None:
+            keys = routes.get(message.routing_key)
+            if keys is None:
                 matched = router.lookup(table, exchange, message.routing_key, None)
                 # Unlike kombu, never fall back to the ``ae.undeliver`` queue: nobody reads it.
-                queues = sorted(q for q in matched if q and q != deadletter)
-                routes[message.routing_key] = queues
+                keys = [
+                    channel._q_for_pri(q, priority)
+                    for q in sorted(q for q in matched if q and q != deadletter)
+                ]
+                routes[message.routing_key] = keys
             try:
-                payload, keys = _kombu_redis_push(channel, exchange, message, queues)
+                payload = _kombu_redis_payload(
+                    channel, exchange, message, f"{tag_prefix}.{index}", priority
+                )
             except Exception as exc:  # local encoding only, so the message's own fault
                 failed[message.event_id] = f"cannot encode message: {_describe(exc)}"
                 dead.add(message.aggregate_key)
@@ -305,40 +317,46 @@ class _RedisLink:
             published.append(message.event_id)
             if not keys:
                 unroutable += 1
-            pushes.extend((key, payload) for key in keys)
+            for key in keys:
+                pushes.setdefault(key, []).append(payload)
 
         if pushes:
-            # One round trip; no automatic retry (kombu's pool has none), so a failure is
-            # reported instead of silently duplicated.
+            # One round trip, one LPUSH per list with every payload of the batch in send order
+            # (LPUSH k a b c leaves the list as three LPUSHes would). No automatic retry (kombu's
+            # pool has none), so a failure is reported instead of silently duplicated.
             with channel.conn_or_acquire() as client, client.pipeline(transaction=False) as pipe:
-                for key, payload in pushes:
-                    pipe.lpush(key, payload)
+                for key, payloads in pushes.items():
+                    pipe.lpush(key, *payloads)
                 pipe.execute()
         return BatchResult(published, failed, skipped, unroutable)
 
 
-def _kombu_redis_push(
-    channel: Any, exchange: str, message: OutboundMessage, queues: Sequence[str]
-) -> tuple[str, list[str]]:
-    """The JSON kombu would LPUSH for ``message``, and the list keys for ``queues``.
+def _kombu_redis_payload(
+    channel: Any, exchange: str, message: OutboundMessage, delivery_tag: str, priority: int
+) -> str:
+    """The JSON kombu would LPUSH for ``message``, built in one step.
 
     Mirrors kombu 5.7's ``Producer.publish`` -> ``prepare_message`` -> virtual ``basic_publish``
-    -> Redis ``_put``, so consumers cannot tell the difference. ``_inplace_augment_message``
-    (body encoding, delivery tag, delivery_info), ``_get_message_priority`` and ``_q_for_pri``
-    are private kombu helpers: they are used here only, so a kombu upgrade breaks one place.
+    (``_inplace_augment_message``) -> Redis ``_put``, key for key, so consumers cannot tell the
+    difference; only the delivery tag is drawn differently (unique all the same).
     """
-    wire = channel.prepare_message(
-        message.body,
-        0,
-        CONTENT_TYPE,
-        CONTENT_ENCODING,
-        message.headers,
-        {"delivery_mode": _PERSISTENT, "message_id": message.event_id},
-    )
-    channel._inplace_augment_message(wire, exchange, message.routing_key)
+    body, body_encoding = channel.encode_body(message.body, channel.body_encoding)
+    wire = {
+        "body": body,
+        "content-encoding": CONTENT_ENCODING,
+        "content-type": CONTENT_TYPE,
+        "headers": message.headers,
+        "properties": {
+            "delivery_mode": _PERSISTENT,
+            "message_id": message.event_id,
+            "delivery_info": {"exchange": exchange, "routing_key": message.routing_key},
+            "priority": priority,
+            "body_encoding": body_encoding,
+            "delivery_tag": delivery_tag,
+        },
+    }
     payload: str = _kombu_json_dumps(wire)
-    priority = channel._get_message_priority(wire, reverse=False)
-    return payload, [channel._q_for_pri(queue, priority) for queue in queues]
+    return payload
 
 
 # --------------------------------------------------------------------------------------------

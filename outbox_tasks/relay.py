@@ -350,7 +350,8 @@ class Relay:
         self.circuit.record_success()
         failures = self._failures(batch, result.failed)
         published = set(result.published)
-        ok_ids = [row.id for row in batch if str(row.id) in published]
+        ok_rows = [row for row, m in zip(batch, messages, strict=True) if m.event_id in published]
+        ok_ids = [row.id for row in ok_rows]
         with translate_errors("finish batch"), self.engine.begin() as conn:
             finish = store.finish_batch(
                 conn,
@@ -368,9 +369,7 @@ class Relay:
         latencies: list[float] = []
         if finish.finished_at is not None:
             at = finish.finished_at
-            latencies = [
-                (at - row.created_at).total_seconds() for row in batch if str(row.id) in published
-            ]
+            latencies = [(at - row.created_at).total_seconds() for row in ok_rows]
         self._observer.call(
             "batch_published",
             lease.partition,
