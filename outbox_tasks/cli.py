@@ -288,6 +288,17 @@ def _add_dlq_parser(sub: Any, db_help: str) -> None:
     dlq.set_defaults(func=cmd_dlq)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Run ``python -m bench`` from the source tree (benchmarks are not installed)."""
+    import subprocess
+
+    if not (ROOT / "bench" / "__main__.py").exists():
+        raise ConfigurationError(
+            f"benchmarks live in the source tree ({ROOT}/bench); run from a checkout"
+        )
+    return subprocess.call([sys.executable, "-m", "bench", *args.bench_args], cwd=ROOT)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="outbox-tasks",
@@ -337,6 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_dlq_parser(sub, db_help)
 
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks (from a source checkout): throughput|latency|growth|baseline|cleanup",
+        add_help=False,
+    )
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    bench.set_defaults(func=cmd_bench)
+
     from outbox_tasks.cleanup import add_cleanup_parser
     from outbox_tasks.consumer import add_consume_parser
     from outbox_tasks.demo import add_demo_parser
@@ -350,7 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # Every option after `bench` belongs to the benchmark, --help included.
+        args = argparse.Namespace(func=cmd_bench, bench_args=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     try:
         return int(args.func(args))
     except ConfigurationError as error:

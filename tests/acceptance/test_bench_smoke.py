@@ -1,0 +1,86 @@
+"""CI's small version of the benchmarks (issue 6): they run end to end and count right.
+
+No timing assertions (timing lives in docs/performance.md): the throughput bench with ~3 000
+events, one repeat, Redis only, both systems (the limit and outbox_tasks through real celery
+worker + beat); the latency bench for a few seconds at a low rate. Every event must be counted
+at the broker.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import latency, throughput
+from tests.support import services
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _services() -> None:
+    for name, host, port in (
+        ("PostgreSQL", "127.0.0.1", 5432),
+        ("Redis", services.REDIS_HOST, services.REDIS_PORT),
+    ):
+        if not services.reachable(host, port):
+            pytest.skip(f"{name} is not reachable at {host}:{port}")
+
+
+def test_throughput_bench_counts_every_event_at_the_broker_for_both_systems(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "throughput.json"
+    code = throughput.main(
+        [
+            "--events",
+            "3000",
+            "--aggregates",
+            "100",
+            "--repeats",
+            "1",
+            "--brokers",
+            "redis",
+            "--workers",
+            "1",
+            "--output",
+            str(output),
+        ]
+    )
+    assert code == 0
+    data = json.loads(output.read_text())
+    runs = data["runs"]
+    assert {r["system"] for r in runs} == {"baseline", "outbox_tasks"}
+    for run in runs:
+        assert run["ok"], run
+        assert run["counted"] == 3000, run
+        assert run["pending_after"] == 0, run
+        assert run["rate"] > 0
+    mine = next(r for r in runs if r["system"] == "outbox_tasks")
+    assert mine["duplicates"] == 0
+    (summary,) = data["summary"]
+    assert summary["system"] == "outbox_tasks" and summary["ratio"] is not None
+    assert data["versions"]["libraries"]["celery"]
+    assert data["settings"]["relay"]["batch_size"] == 1000
+    table = capsys.readouterr().out
+    assert "| redis" in table and "ratio" in table
+
+
+def test_latency_bench_delivers_every_committed_event_with_and_without_wakeup(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "latency.json"
+    code = latency.main(
+        ["--rates", "50", "--duration", "3", "--workers", "1", "--output", str(output)]
+    )
+    assert code == 0
+    data = json.loads(output.read_text())
+    assert {r["wakeup"] for r in data["runs"]} == {True, False}
+    for run in data["runs"]:
+        assert run["produced"] == 150, run
+        assert run["received"] == run["produced"], run
+        assert run["missing"] == 0
+        assert run["p50_ms"] is not None and run["max_ms"] >= run["p50_ms"]
+    assert "p99 ms" in capsys.readouterr().out
