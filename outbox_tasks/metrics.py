@@ -22,7 +22,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from outbox_tasks.store import Row
+from outbox_tasks.store.relay import Row
 
 # Every metric outbox_tasks exports: (name, type, labels). Dashboards and alert rules may use only
 # these (a test checks it). Histograms add _bucket/_sum/_count; counter names include _total.

@@ -23,7 +23,6 @@ from typing import Protocol
 
 from sqlalchemy.engine import Connection, Engine
 
-from outbox_tasks import store
 from outbox_tasks.db import translate_errors
 from outbox_tasks.envelope import OutboundMessage, message_for_row
 from outbox_tasks.errors import BrokerUnavailable
@@ -31,6 +30,7 @@ from outbox_tasks.logs import event, get_logger
 from outbox_tasks.partitioning import slot_range
 from outbox_tasks.retry import GiveUp, decide, system_jitter
 from outbox_tasks.settings import Settings
+from outbox_tasks.store import relay as store
 
 log = get_logger("relay")
 

@@ -10,10 +10,10 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
-from outbox_tasks import store
 from outbox_tasks.db import make_engine
 from outbox_tasks.partitioning import slot_range
 from outbox_tasks.settings import Settings
+from outbox_tasks.store import relay as store
 from tests.support import services
 
 pytestmark = pytest.mark.timeout(120)

@@ -12,7 +12,6 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from outbox_tasks import store
 from outbox_tasks.envelope import OutboundMessage
 from outbox_tasks.errors import DatabaseUnavailable
 from outbox_tasks.partitioning import partition_of_aggregate
@@ -20,6 +19,7 @@ from outbox_tasks.publisher import BatchResult, BrokerPublisher
 from outbox_tasks.relay import Relay
 from outbox_tasks.schema import OutboxMessage
 from outbox_tasks.settings import Settings
+from outbox_tasks.store import relay as store
 from tests.support.kit import bulk_insert, collecting, insert_events, pending_count, wait_until
 from tests.support.publishers import RefusingPublisher
 from tests.support.relaying import drain, make_relay, wait_for
