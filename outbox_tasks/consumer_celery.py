@@ -35,21 +35,18 @@ from typing import Any, Final
 
 from sqlalchemy.engine import Engine
 
+from outbox_tasks.broker import as_bytes, is_amqp, kombu
 from outbox_tasks.consumer import (
     DEAD_LETTERED,
     INVALID,
+    BrokerWriter,
     ConsumerGroup,
     Delivery,
     GroupProcessor,
-    _as_bytes,
-    _BrokerWriter,
-    _describe,
-    _is_amqp,
-    _kombu,
-    _kombu_queues,
     default_metrics,
+    kombu_queues,
 )
-from outbox_tasks.errors import ConfigurationError, OutboxError
+from outbox_tasks.errors import ConfigurationError, EventDeadLettered, describe_error
 from outbox_tasks.logs import event as log_event
 from outbox_tasks.logs import get_logger
 from outbox_tasks.settings import Settings
@@ -60,10 +57,6 @@ TASK_NAME: Final = "outbox.consume"
 CONSUME_QUEUE: Final = "outbox.consume"
 
 log = get_logger("consumer.celery")
-
-
-class EventDeadLettered(OutboxError):
-    """The event exhausted its attempts (or was not an outbox envelope) and was dead-lettered."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,10 +129,10 @@ def _add_task_queue(app: Any, queue: str) -> None:
         return  # Celery creates missing queues; start workers with -Q including it
     if any(getattr(q, "name", q) == queue for q in queues):
         return
-    exchange = _kombu("kombu.entity.Exchange")(queue, type="direct")
+    exchange = kombu("kombu.entity.Exchange")(queue, type="direct")
     app.conf.task_queues = [
         *queues,
-        _kombu("kombu.entity.Queue")(queue, exchange, routing_key=queue),
+        kombu("kombu.entity.Queue")(queue, exchange, routing_key=queue),
     ]
 
 
@@ -155,7 +148,7 @@ class _Runtime:
         self.pid = -1
         self.engines: dict[str, Engine] = {}
         self.processors: dict[str, GroupProcessor] = {}
-        self.writers: list[_BrokerWriter] = []
+        self.writers: list[BrokerWriter] = []
 
     def processor(self, name: str) -> GroupProcessor:
         if self.pid != os.getpid():
@@ -180,7 +173,7 @@ class _Runtime:
         if engine is None:
             engine = make_engine(settings, application_name="outbox_tasks.consumer", pool_size=2)
             self.engines[key] = engine
-        writer = _BrokerWriter(settings.effective_publish_url, settings.broker_timeout_seconds)
+        writer = BrokerWriter(settings.effective_publish_url, settings.broker_timeout_seconds)
         self.writers.append(writer)
         processor = GroupProcessor(installed.group, engine, writer, metrics=default_metrics())
         self.processors[name] = processor
@@ -200,7 +193,7 @@ def consume_envelope(group: str, envelope: Mapping[str, Any], *, redelivered: bo
         raise Reject("given back to the broker", requeue=True)
 
     delivery = Delivery(
-        body=_as_bytes(envelope.get("body", b"")),
+        body=as_bytes(envelope.get("body", b"")),
         headers=dict(envelope.get("headers") or {}),
         redelivered=bool(envelope.get("redelivered")) or redelivered,
         ack=_nothing,
@@ -242,7 +235,7 @@ def _register_task(app: Any) -> None:
 def _step_for(app: Any, group: ConsumerGroup, settings: Settings, queue: str) -> type:
     from celery import bootsteps
 
-    entities = _kombu_queues(group, settings.exchange, _is_amqp(settings.effective_publish_url))
+    entities = kombu_queues(group, settings.exchange, is_amqp(settings.effective_publish_url))
     event_queue, dead_letter_queue = entities[0], entities[-1]
 
     def get_consumers(step: Any, channel: Any) -> list[Any]:
@@ -250,7 +243,7 @@ def _step_for(app: Any, group: ConsumerGroup, settings: Settings, queue: str) ->
 
         def on_message(message: Any) -> None:
             envelope = {
-                "body": _as_bytes(message.body).decode("utf-8", "replace"),
+                "body": as_bytes(message.body).decode("utf-8", "replace"),
                 "headers": dict(message.headers or {}),
                 "redelivered": bool(message.delivery_info.get("redelivered")),
                 "message_id": message.properties.get("message_id"),
@@ -264,14 +257,14 @@ def _step_for(app: Any, group: ConsumerGroup, settings: Settings, queue: str) ->
                     "consume_task_not_sent",
                     "could not enqueue outbox.consume; the event goes back to its queue",
                     group=group.name,
-                    error=_describe(error),
+                    error=describe_error(error),
                 )
                 time.sleep(1.0)
                 message.requeue()
                 return
             message.ack()
 
-        consumer = _kombu("kombu.messaging.Consumer")(
+        consumer = kombu("kombu.messaging.Consumer")(
             channel, queues=[event_queue], on_message=on_message, auto_declare=True
         )
         consumer.qos(prefetch_count=group.prefetch)

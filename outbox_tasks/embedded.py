@@ -46,7 +46,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from outbox_tasks.errors import OutboxError
+from outbox_tasks.errors import EmbeddedServiceError
 
 SYSTEM_USER = "outbox-demo"
 """The unprivileged system user the embedded PostgreSQL runs as when we are root."""
@@ -58,10 +58,6 @@ DEMO_EXTRA_HINT = (
 )
 
 Say = Callable[[str], None]
-
-
-class EmbeddedServiceError(OutboxError):
-    """An embedded service could not be started (the message says what to do)."""
 
 
 def _quiet(_message: str) -> None:

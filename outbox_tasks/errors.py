@@ -1,8 +1,9 @@
 """The errors ``outbox_tasks`` raises, in one small hierarchy.
 
 Driver errors (psycopg, SQLAlchemy, kombu, redis-py, py-amqp) are translated at the module
-boundary that talks to the driver (``db``, ``store``, ``publisher``), so callers only ever catch
-these. The original exception is kept as ``__cause__``.
+boundary that talks to the driver (``db``, ``store``, ``broker``), so callers only ever catch
+these. The original exception is kept as ``__cause__``. :func:`describe_error` is the one way
+an error is put into words (logs, stored failures, dead-letter headers).
 
     OutboxError
     ├── ConfigurationError      a setting is missing or malformed (names the env var)
@@ -11,10 +12,22 @@ these. The original exception is kept as ``__cause__``.
     ├── DatabaseUnavailable     PostgreSQL cannot be reached or timed out; safe to retry later
     ├── BrokerUnavailable       the broker cannot be reached or timed out; opens the circuit
     ├── LeaseLost               a partition lease expired or was taken over; stop writing
-    └── NotFound                an id given by an operator does not exist
+    ├── NotFound                an id given by an operator does not exist
+    ├── InvalidEvent            consumer: a message that is not an outbox envelope
+    ├── PartitionLost           consumer: this process no longer holds its partition
+    ├── EventDeadLettered       consumer in Celery: the event was dead-lettered (the task fails)
+    └── EmbeddedServiceError    demo: an embedded service (PostgreSQL, Redis) would not start
+
+``ConfigurationError``, ``InvalidMessage`` and ``InvalidEvent`` are also ``ValueError``s;
+``NotFound`` is also a ``LookupError``.
 """
 
 from __future__ import annotations
+
+from typing import Final
+
+ERROR_TEXT_MAX: Final = 2000
+"""Default bound, in characters, of :func:`describe_error`'s text."""
 
 
 class OutboxError(Exception):
@@ -50,3 +63,29 @@ class LeaseLost(OutboxError):
 
 class NotFound(OutboxError, LookupError):
     """An id given by an operator does not exist."""
+
+
+class InvalidEvent(OutboxError, ValueError):
+    """A message that is not an outbox envelope; it goes to the dead-letter queue as is."""
+
+
+class PartitionLost(OutboxError):
+    """This process no longer holds the partition it was consuming (ordered groups)."""
+
+
+class EventDeadLettered(OutboxError):
+    """The event exhausted its attempts (or was not an outbox envelope) and was dead-lettered."""
+
+
+class EmbeddedServiceError(OutboxError):
+    """An embedded service could not be started (the message says what to do)."""
+
+
+def describe_error(exc: BaseException, *, limit: int = ERROR_TEXT_MAX) -> str:
+    """``"TypeName: message"`` on one line (whitespace collapsed), at most ``limit`` characters
+    of message (cut with ``...``); just the type name when the error has no message or its
+    message is the type name."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text != type(exc).__name__ else text

@@ -41,15 +41,11 @@ from outbox_tasks.consumer.admin import (
     parked_aggregates,
     unpark,
 )
-from outbox_tasks.consumer.brokers import _as_bytes as _as_bytes
-from outbox_tasks.consumer.brokers import _BrokerWriter as _BrokerWriter
-from outbox_tasks.consumer.brokers import _decode_redis_item as _decode_redis_item
-from outbox_tasks.consumer.brokers import _is_amqp as _is_amqp
-from outbox_tasks.consumer.brokers import _kombu as _kombu
-from outbox_tasks.consumer.brokers import _kombu_queues as _kombu_queues
+from outbox_tasks.consumer.brokers import BrokerWriter as BrokerWriter
 from outbox_tasks.consumer.brokers import declare_topology, delete_topology
+from outbox_tasks.consumer.brokers import kombu_queues as kombu_queues
 from outbox_tasks.consumer.cli import add_consume_parser, main, run_consume
-from outbox_tasks.consumer.events import Event, EventHandler, InvalidEvent, parse_event
+from outbox_tasks.consumer.events import Event, EventHandler, parse_event
 from outbox_tasks.consumer.group import QUEUE_PREFIX, ConsumerGroup, load_handler
 from outbox_tasks.consumer.locks import INSTANCE_BASE, INSTANCE_SPAN, MEMBER_BASE, group_lock_key
 from outbox_tasks.consumer.metrics import ConsumerMetrics, default_metrics
@@ -74,15 +70,14 @@ from outbox_tasks.consumer.processing import (
     Delivery,
     Fence,
     GroupProcessor,
-    PartitionLost,
 )
-from outbox_tasks.consumer.processing import _describe as _describe
 from outbox_tasks.consumer.replay import replay_dead_letters
 from outbox_tasks.consumer.runner import Consumer
 from outbox_tasks.consumer.sources import OnDelivery
+from outbox_tasks.errors import InvalidEvent, PartitionLost
 
-# The API. The underscored names imported above (``_BrokerWriter``, ``_kombu``...) are not: they
-# are shared with outbox_tasks.consumer_celery and the tests.
+# The API. ``BrokerWriter`` and ``kombu_queues``, imported above, are not: they are shared with
+# outbox_tasks.consumer_celery.
 __all__ = [
     "DEAD_LETTERED",
     "DEAD_LETTER_HEADERS",

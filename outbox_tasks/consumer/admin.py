@@ -14,15 +14,15 @@ from typing import NamedTuple
 from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
-from outbox_tasks.consumer.brokers import (
-    _as_bytes,
-    _broker_call,
-    _decode_redis_item,
-    _is_amqp,
-    _redis_client,
-    _released,
-    _resolve,
+from outbox_tasks.broker import (
+    as_bytes,
+    broker_call,
+    decode_redis_item,
+    is_amqp,
+    redis_client,
+    released,
 )
+from outbox_tasks.consumer.brokers import resolve
 from outbox_tasks.consumer.events import _aware_time
 from outbox_tasks.consumer.group import ConsumerGroup, _admin_group
 from outbox_tasks.logs import event as log_event
@@ -66,17 +66,17 @@ def lag(
     Otherwise the age is None. ``peek=False`` never peeks.
     """
     target = _admin_group(group, partitions)
-    _, url = _resolve(settings, url)
+    _, url = resolve(settings, url)
     now = datetime.now(UTC)
-    with _broker_call(url, "measuring lag"):
-        if _is_amqp(url):
+    with broker_call(url, "measuring lag"):
+        if is_amqp(url):
             return _amqp_lag(target, url, now, peek)
         return _redis_lag(target, url, now)
 
 
 def _redis_lag(group: ConsumerGroup, url: str, now: datetime) -> Lag:
     with (
-        _redis_client(url, socket_timeout=10, socket_connect_timeout=10) as client,
+        redis_client(url, socket_timeout=10, socket_connect_timeout=10) as client,
         client.pipeline(transaction=False) as pipe,
     ):
         for queue in group.queues:
@@ -88,7 +88,7 @@ def _redis_lag(group: ConsumerGroup, url: str, now: datetime) -> Lag:
     for length, head in zip(replies[::2], replies[1::2], strict=True):
         total += int(length)
         if head is not None:
-            age = _age_of(_decode_redis_item(head)[0], now)
+            age = _age_of(decode_redis_item(head)[0], now)
             if age is not None:
                 oldest = age if oldest is None else max(oldest, age)
     return Lag(total, oldest)
@@ -99,7 +99,7 @@ def _amqp_lag(group: ConsumerGroup, url: str, now: datetime, peek: bool) -> Lag:
 
     total = 0
     oldest: float | None = None
-    with _released(url) as conn:
+    with released(url) as conn:
         conn.ensure_connection(max_retries=0)
         for queue in group.queues:
             channel = conn.channel()
@@ -111,7 +111,7 @@ def _amqp_lag(group: ConsumerGroup, url: str, now: datetime, peek: bool) -> Lag:
             if peek and count and (not group.ordered or consumers == 0):
                 message = channel.basic_get(queue=queue, no_ack=False)
                 if message is not None:
-                    age = _age_of(_as_bytes(message.body), now)
+                    age = _age_of(as_bytes(message.body), now)
                     channel.basic_reject(message.delivery_tag, requeue=True)
                     if age is not None:
                         oldest = age if oldest is None else max(oldest, age)
@@ -125,16 +125,16 @@ def dead_letter_count(
 ) -> int:
     """Messages waiting in the group's dead-letter queue."""
     target = _admin_group(group, None)
-    _, url = _resolve(settings, url)
-    with _broker_call(url, "counting dead letters"):
+    _, url = resolve(settings, url)
+    with broker_call(url, "counting dead letters"):
         return _dead_letter_count(target, url)
 
 
 def _dead_letter_count(target: ConsumerGroup, url: str) -> int:
-    if _is_amqp(url):
+    if is_amqp(url):
         from amqp.exceptions import NotFound
 
-        with _released(url) as conn:
+        with released(url) as conn:
             try:
                 _, count, _ = conn.channel().queue_declare(
                     queue=target.dead_letter_queue, passive=True
@@ -142,7 +142,7 @@ def _dead_letter_count(target: ConsumerGroup, url: str) -> int:
             except NotFound:
                 return 0
             return int(count)
-    with _redis_client(url) as client:
+    with redis_client(url) as client:
         return int(client.llen(target.dead_letter_queue))
 
 

@@ -12,7 +12,7 @@ from typing import Any, Final
 from sqlalchemy.orm import Session
 
 from outbox_tasks.envelope import H_ATTEMPT, H_REDELIVERED
-from outbox_tasks.errors import OutboxError
+from outbox_tasks.errors import InvalidEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,10 +50,6 @@ class Event:
 EventHandler = Callable[[Event, Session], None]
 """``on_event(event, session)``: do the work with ``session``; never commit it (the consumer
 commits, together with the receipt). Raise to fail the attempt."""
-
-
-class InvalidEvent(OutboxError, ValueError):
-    """A message that is not an outbox envelope; it goes to the dead-letter queue as is."""
 
 
 def _truthy(value: object) -> bool:

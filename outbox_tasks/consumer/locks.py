@@ -10,8 +10,8 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from outbox_tasks.consumer.group import ConsumerGroup
-from outbox_tasks.consumer.processing import Fence, _describe
-from outbox_tasks.errors import ConfigurationError, DatabaseUnavailable
+from outbox_tasks.consumer.processing import Fence
+from outbox_tasks.errors import ConfigurationError, DatabaseUnavailable, describe_error
 from outbox_tasks.settings import SLOT_COUNT, Settings
 
 # Advisory locks of a group are (group key, n): n < SLOT_COUNT is a partition; MEMBER_BASE + N is
@@ -62,7 +62,7 @@ class _Locks:
                 **args,
             )
         except psycopg.Error as error:
-            raise DatabaseUnavailable(f"consumer locks: {_describe(error)}") from error
+            raise DatabaseUnavailable(f"consumer locks: {describe_error(error)}") from error
         self._conn = conn
         self.pid = int(self._one("SELECT pg_backend_pid()"))
 
@@ -72,7 +72,7 @@ class _Locks:
         try:
             row = self._conn.execute(sql, params).fetchone()
         except psycopg.Error as error:
-            raise DatabaseUnavailable(f"consumer locks: {_describe(error)}") from error
+            raise DatabaseUnavailable(f"consumer locks: {describe_error(error)}") from error
         return None if row is None else row[0]
 
     def join(self, partitions: int) -> None:

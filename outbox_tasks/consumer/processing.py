@@ -17,10 +17,10 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from outbox_tasks.consumer.events import Event, InvalidEvent, _truthy, parse_event
+from outbox_tasks.consumer.events import Event, _truthy, parse_event
 from outbox_tasks.consumer.group import ConsumerGroup
 from outbox_tasks.consumer.metrics import ConsumerMetrics
-from outbox_tasks.errors import OutboxError
+from outbox_tasks.errors import InvalidEvent, PartitionLost, describe_error
 from outbox_tasks.logs import event as log_event
 from outbox_tasks.logs import get_logger
 from outbox_tasks.retry import backoff_delay
@@ -59,10 +59,6 @@ OUTCOMES: Final = (
 )
 
 _ERROR_TEXT_MAX: Final = 2000
-
-
-class PartitionLost(OutboxError):
-    """This process no longer holds the partition it was consuming (ordered groups)."""
 
 
 @dataclass(slots=True)
@@ -234,7 +230,7 @@ class GroupProcessor:
                         "database unavailable while handling an event; waiting",
                         group=self.group.name,
                         event_id=str(event.id),
-                        error=_describe(error),
+                        error=describe_error(error),
                         retry_in_seconds=round(delay, 3),
                     )
                     if not self._sleep(delay):
@@ -242,7 +238,7 @@ class GroupProcessor:
                         return self._done(REQUEUED, event)
                     continue
                 failures += 1
-                text_error = _describe(error)
+                text_error = describe_error(error)
                 if failures >= self.group.max_attempts:
                     return self._give_up(delivery, event, text_error, failures, fence)
                 delay = self._delay(failures)
@@ -399,10 +395,3 @@ class GroupProcessor:
 def _plain_sleep(seconds: float) -> bool:
     time.sleep(seconds)
     return True
-
-
-def _describe(error: BaseException) -> str:
-    text_ = " ".join(str(error).split()) or type(error).__name__
-    if len(text_) > _ERROR_TEXT_MAX:
-        text_ = text_[: _ERROR_TEXT_MAX - 3] + "..."
-    return f"{type(error).__name__}: {text_}" if text_ != type(error).__name__ else text_

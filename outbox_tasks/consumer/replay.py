@@ -7,21 +7,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from outbox_tasks.consumer.brokers import (
-    _as_bytes,
-    _broker_call,
-    _BrokerWriter,
-    _decode_redis_item,
-    _exchange_name,
-    _is_amqp,
-    _kombu_queues,
-    _redis_client,
-    _released,
-    _resolve,
+from outbox_tasks.broker import (
+    as_bytes,
+    broker_call,
+    decode_redis_item,
+    is_amqp,
+    redis_client,
+    released,
 )
-from outbox_tasks.consumer.events import Event, InvalidEvent, parse_event
+from outbox_tasks.consumer.brokers import BrokerWriter, exchange_name, kombu_queues, resolve
+from outbox_tasks.consumer.events import Event, parse_event
 from outbox_tasks.consumer.group import ConsumerGroup, _admin_group
 from outbox_tasks.consumer.processing import DEAD_LETTER_HEADERS, H_CONSUMER_REPLAYED
+from outbox_tasks.errors import InvalidEvent
 from outbox_tasks.logs import event as log_event
 from outbox_tasks.logs import get_logger
 from outbox_tasks.settings import Settings
@@ -55,12 +53,12 @@ def replay_dead_letters(
     the dead-letter queue. Returns how many were replayed. Run one replay at a time per group.
     """
     target = _admin_group(group, partitions)
-    settings, url = _resolve(settings, url)
-    amqp = _is_amqp(url)
-    queues = {q.name: q for q in _kombu_queues(target, _exchange_name(settings), amqp)}
-    writer = _BrokerWriter(url, settings.broker_timeout_seconds if settings else 10.0)
+    settings, url = resolve(settings, url)
+    amqp = is_amqp(url)
+    queues = {q.name: q for q in kombu_queues(target, exchange_name(settings), amqp)}
+    writer = BrokerWriter(url, settings.broker_timeout_seconds if settings else 10.0)
     try:
-        with _broker_call(url, "replaying dead letters"):
+        with broker_call(url, "replaying dead letters"):
             if amqp:
                 replayed = _replay_amqp(target, url, queues, writer, limit)
             else:
@@ -94,7 +92,7 @@ def _parse_dead(body: bytes, headers: Mapping[str, Any]) -> Event | None:
 
 
 def _republish(
-    group: ConsumerGroup, items: list[_Dead], queues: Mapping[str, Any], writer: _BrokerWriter
+    group: ConsumerGroup, items: list[_Dead], queues: Mapping[str, Any], writer: BrokerWriter
 ) -> int:
     valid = sorted(
         ((d, d.event) for d in items if d.event is not None), key=lambda pair: pair[1].sequence
@@ -112,11 +110,11 @@ def _republish(
 
 
 def _replay_amqp(
-    group: ConsumerGroup, url: str, queues: Mapping[str, Any], writer: _BrokerWriter, limit: int
+    group: ConsumerGroup, url: str, queues: Mapping[str, Any], writer: BrokerWriter, limit: int
 ) -> int:
     from amqp.exceptions import NotFound
 
-    with _released(url) as conn:
+    with released(url) as conn:
         channel = conn.channel()
         items: list[_Dead] = []
         raw: list[tuple[Any, bool]] = []
@@ -128,7 +126,7 @@ def _replay_amqp(
             message = channel.basic_get(queue=group.dead_letter_queue, no_ack=False)
             if message is None:
                 break
-            body = _as_bytes(message.body)
+            body = as_bytes(message.body)
             headers = dict(message.headers or {})
             event = _parse_dead(body, headers)
             items.append(_Dead(body, headers, event))
@@ -143,11 +141,11 @@ def _replay_amqp(
 
 
 def _replay_redis(
-    group: ConsumerGroup, url: str, queues: Mapping[str, Any], writer: _BrokerWriter, limit: int
+    group: ConsumerGroup, url: str, queues: Mapping[str, Any], writer: BrokerWriter, limit: int
 ) -> int:
     dead = group.dead_letter_queue
     replaying = f"{dead}.replaying"
-    with _redis_client(url, socket_timeout=30, socket_connect_timeout=10) as client:
+    with redis_client(url, socket_timeout=30, socket_connect_timeout=10) as client:
         moved = 0
         while moved < limit:
             if client.lmove(dead, replaying, "RIGHT", "LEFT") is None:
@@ -158,7 +156,7 @@ def _replay_redis(
         items: list[_Dead] = []
         invalid: list[bytes] = []
         for item in stored:
-            body, headers, _, _ = _decode_redis_item(item)
+            body, headers, _, _ = decode_redis_item(item)
             event = _parse_dead(body, headers)
             if event is None:
                 invalid.append(item)

@@ -14,14 +14,9 @@ from collections import Counter
 
 from sqlalchemy.engine import Engine
 
+from outbox_tasks.broker import broker_errors, is_amqp, safe_url
 from outbox_tasks.consumer.admin import lag
-from outbox_tasks.consumer.brokers import (
-    _broker_errors,
-    _BrokerWriter,
-    _is_amqp,
-    _kombu_queues,
-    _safe,
-)
+from outbox_tasks.consumer.brokers import BrokerWriter, kombu_queues
 from outbox_tasks.consumer.group import ConsumerGroup
 from outbox_tasks.consumer.locks import INSTANCE_BASE, INSTANCE_SPAN, _Locks
 from outbox_tasks.consumer.metrics import ConsumerMetrics, default_metrics
@@ -29,11 +24,15 @@ from outbox_tasks.consumer.processing import (
     REQUEUED,
     Delivery,
     GroupProcessor,
-    PartitionLost,
-    _describe,
 )
-from outbox_tasks.consumer.sources import _AmqpSource, _RedisSource
-from outbox_tasks.errors import BrokerUnavailable, ConfigurationError, DatabaseUnavailable
+from outbox_tasks.consumer.sources import AmqpSource, RedisSource
+from outbox_tasks.errors import (
+    BrokerUnavailable,
+    ConfigurationError,
+    DatabaseUnavailable,
+    PartitionLost,
+    describe_error,
+)
 from outbox_tasks.logs import event as log_event
 from outbox_tasks.logs import get_logger
 from outbox_tasks.retry import backoff_delay
@@ -68,7 +67,7 @@ class Consumer:
         self.group = group
         self.settings = settings
         self.url = url or settings.effective_publish_url
-        self.amqp = _is_amqp(self.url)
+        self.amqp = is_amqp(self.url)
         self.metrics = metrics if metrics is not None else default_metrics()
         self.export_lag = export_lag
         self.rebalance_interval = rebalance_interval_seconds
@@ -80,7 +79,7 @@ class Consumer:
         self.ready = threading.Event()
         self._engine = engine
         self._stop = threading.Event()
-        self._source: _AmqpSource | _RedisSource | None = None
+        self._source: AmqpSource | RedisSource | None = None
         self._locks: _Locks | None = None
         self._held: set[int] = set()
         self._processor: GroupProcessor | None = None
@@ -102,7 +101,7 @@ class Consumer:
             self.settings, application_name="outbox_tasks.consumer", pool_size=2
         )
         timeout = self.settings.broker_timeout_seconds
-        writer = _BrokerWriter(self.url, timeout)
+        writer = BrokerWriter(self.url, timeout)
         self._processor = GroupProcessor(
             self.group,
             engine,
@@ -119,7 +118,7 @@ class Consumer:
             group=self.group.name,
             bindings=list(self.group.bindings),
             partitions=self.group.partitions,
-            broker=_safe(self.url),
+            broker=safe_url(self.url),
             pid=os.getpid(),
         )
         failures = 0
@@ -135,7 +134,7 @@ class Consumer:
                         failures, base_seconds=0.5, max_seconds=10.0, jitter=random.random()
                     )
                     known = isinstance(
-                        error, (BrokerUnavailable, DatabaseUnavailable, *_broker_errors(self.url))
+                        error, (BrokerUnavailable, DatabaseUnavailable, *broker_errors(self.url))
                     )
                     log_event(
                         log,
@@ -143,7 +142,7 @@ class Consumer:
                         "consumer_disconnected",
                         "consumer lost its broker or database; reconnecting",
                         group=self.group.name,
-                        error=_describe(error),
+                        error=describe_error(error),
                         retry_in_seconds=round(delay, 3),
                         exc_info=not known,
                     )
@@ -171,20 +170,20 @@ class Consumer:
     def _connected(self) -> None:
         group = self.group
         timeout = self.settings.broker_timeout_seconds
-        source: _AmqpSource | _RedisSource
+        source: AmqpSource | RedisSource
         if self.amqp:
-            source = _AmqpSource(self.url, group.prefetch, self._on_delivery, timeout)
+            source = AmqpSource(self.url, group.prefetch, self._on_delivery, timeout)
         else:
-            source = _RedisSource(self.url, group, self._on_delivery, timeout)
+            source = RedisSource(self.url, group, self._on_delivery, timeout)
         self._source = source
         source.connect()
-        source.declare(_kombu_queues(group, self.settings.exchange, self.amqp))
+        source.declare(kombu_queues(group, self.settings.exchange, self.amqp))
         if group.ordered or not self.amqp:
             locks = _Locks(self.settings, group)
             self._locks = locks
             locks.connect()
             locks.join(group.partitions)
-            if not group.ordered and isinstance(source, _RedisSource):
+            if not group.ordered and isinstance(source, RedisSource):
                 if not locks.try_lock(INSTANCE_BASE + self.instance):
                     raise DatabaseUnavailable("consumer instance lock is taken; retrying")
                 source.register_instance(self.instance)
@@ -199,7 +198,7 @@ class Consumer:
             if group.ordered and now >= next_rebalance:
                 self._rebalance()
                 next_rebalance = now + self.rebalance_interval
-            if isinstance(source, _RedisSource) and not group.ordered and now >= next_reclaim:
+            if isinstance(source, RedisSource) and not group.ordered and now >= next_reclaim:
                 self._reclaim(source)
                 next_reclaim = now + self.reclaim_interval
             if self.export_lag and now >= next_lag:
@@ -303,7 +302,7 @@ class Consumer:
         if self._source is not None:
             self._source.close_queue(self.group.partition_queue(partition))
 
-    def _reclaim(self, source: _RedisSource) -> None:
+    def _reclaim(self, source: RedisSource) -> None:
         locks = self._locks
         assert locks is not None
         for instance in source.instances():
@@ -338,7 +337,7 @@ class Consumer:
                 "lag_unavailable",
                 "could not measure lag",
                 group=self.group.name,
-                error=_describe(error),
+                error=describe_error(error),
             )
             return
         self.metrics.set_lag(self.group.name, value)

@@ -9,15 +9,16 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from outbox_tasks.consumer.brokers import (
-    _as_bytes,
-    _connection,
-    _declare,
-    _decode_redis_item,
-    _kombu,
-    _mark_redelivered,
-    _released,
+from outbox_tasks.broker import (
+    as_bytes,
+    connection,
+    decode_redis_item,
+    kombu,
+    mark_redelivered,
+    release,
+    released,
 )
+from outbox_tasks.consumer.brokers import declare_queues
 from outbox_tasks.consumer.group import ConsumerGroup
 from outbox_tasks.consumer.processing import Delivery
 from outbox_tasks.logs import event as log_event
@@ -38,7 +39,7 @@ class _Source(Protocol):
 OnDelivery = Callable[[Delivery, int | None], None]
 
 
-class _AmqpSource:
+class AmqpSource:
     """RabbitMQ through kombu: one channel per open queue, so closing it requeues exactly that
     queue's unacknowledged messages (in their original positions)."""
 
@@ -52,14 +53,14 @@ class _AmqpSource:
         self._queues: dict[str, Any] = {}
 
     def connect(self) -> None:
-        conn: Any = _connection(self.url, connect_timeout=self.timeout)
+        conn: Any = connection(self.url, connect_timeout=self.timeout)
         self._conn = conn
         conn.ensure_connection(max_retries=0)
 
     def declare(self, queues: Sequence[Any]) -> None:
         channel = self._conn.channel()
         try:
-            _declare(channel, queues)
+            declare_queues(channel, queues)
         finally:
             with contextlib.suppress(Exception):
                 channel.close()
@@ -71,7 +72,7 @@ class _AmqpSource:
 
         def on_message(message: Any) -> None:
             delivery = Delivery(
-                body=_as_bytes(message.body),
+                body=as_bytes(message.body),
                 headers=dict(message.headers or {}),
                 redelivered=bool(message.delivery_info.get("redelivered")),
                 ack=message.ack,
@@ -80,7 +81,7 @@ class _AmqpSource:
             )
             self.on_delivery(delivery, partition)
 
-        consumer: Any = _kombu("kombu.messaging.Consumer")(
+        consumer: Any = kombu("kombu.messaging.Consumer")(
             channel, queues=[self._queues[queue]], on_message=on_message, auto_declare=False
         )
         consumer.consume()
@@ -101,14 +102,10 @@ class _AmqpSource:
         conn, self._conn = self._conn, None
         self._open.clear()
         if conn is not None:
-            try:
-                conn.release()
-            except Exception:
-                with contextlib.suppress(Exception):
-                    conn.collect(socket_timeout=self.timeout)
+            release(conn, self.timeout)
 
 
-class _RedisSource:
+class RedisSource:
     """Redis as a reliable queue: LMOVE each message into an in-flight list, LREM it on ack.
 
     kombu's own Redis consumer gives unacknowledged messages back only after its visibility
@@ -125,7 +122,6 @@ class _RedisSource:
         self.timeout = timeout
         self.instance: int | None = None
         self._client: Any = None
-        self._kombu: Any = None
         self._open: dict[str, tuple[str, int | None]] = {}
         self._turn = 0
 
@@ -149,9 +145,9 @@ class _RedisSource:
 
     def declare(self, queues: Sequence[Any]) -> None:
         options = {"socket_timeout": self.timeout, "socket_connect_timeout": self.timeout}
-        with _released(self.url, transport_options=options) as conn:
+        with released(self.url, transport_options=options) as conn:
             channel = conn.channel()
-            _declare(channel, queues)
+            declare_queues(channel, queues)
 
     def register_instance(self, instance: int) -> None:
         self.instance = instance
@@ -218,7 +214,7 @@ class _RedisSource:
             self._dispatch(item, queue, inflight, partition)
 
     def _dispatch(self, item: bytes, queue: str, inflight: str, partition: int | None) -> None:
-        body, headers, redelivered, message_id = _decode_redis_item(item)
+        body, headers, redelivered, message_id = decode_redis_item(item)
         client = self._client
 
         def ack() -> None:
@@ -227,7 +223,7 @@ class _RedisSource:
         def requeue() -> None:
             with client.pipeline(transaction=True) as pipe:
                 pipe.lrem(inflight, 1, item)
-                pipe.rpush(queue, _mark_redelivered(item))
+                pipe.rpush(queue, mark_redelivered(item))
                 pipe.execute()
 
         self.on_delivery(

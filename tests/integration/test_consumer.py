@@ -27,6 +27,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
+from outbox_tasks.broker import decode_redis_item
 from outbox_tasks.consumer import (
     DEAD_LETTERED,
     DUPLICATE,
@@ -40,7 +41,6 @@ from outbox_tasks.consumer import (
     Event,
     EventHandler,
     Lag,
-    _decode_redis_item,
     declare_topology,
     lag,
     parked_aggregates,
@@ -125,7 +125,7 @@ def dead_letters(env: Env, group: ConsumerGroup) -> list[tuple[dict[str, Any], d
             client.close()
         out = []
         for item in items:
-            body, headers, _, _ = _decode_redis_item(item)
+            body, headers, _, _ = decode_redis_item(item)
             out.append((json.loads(body), headers))
         return out
     with Connection(url) as conn:
