@@ -1,0 +1,208 @@
+"""The AMQP link: a RabbitMQ channel in publisher-confirm mode, awaited once per *wave*.
+
+A wave holds at most one message per aggregate, so a nack can still stop the rest of its
+aggregate before anything later of it is sent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Sequence
+from contextlib import suppress
+from typing import Any
+
+from amqp.exceptions import PreconditionFailed
+from kombu.entity import Exchange
+
+from outbox_tasks.broker import PERSISTENT
+from outbox_tasks.envelope import CONTENT_ENCODING, CONTENT_TYPE, OutboundMessage
+from outbox_tasks.errors import ConfigurationError
+from outbox_tasks.publisher.results import BatchResult, encoding_failure
+
+__all__ = ["AmqpLink"]
+
+# kombu is only partly annotated: it is called through ``Any`` rather than through ignores.
+_exchange: Any = Exchange
+
+
+def _lanes(messages: Sequence[OutboundMessage]) -> list[deque[int]]:
+    """Indexes of ``messages`` grouped by aggregate, in batch order within each group."""
+    by_aggregate: dict[tuple[str, str], deque[int]] = {}
+    for index, message in enumerate(messages):
+        by_aggregate.setdefault(message.aggregate_key, deque()).append(index)
+    return list(by_aggregate.values())
+
+
+class AmqpLink:
+    """A py-amqp channel in confirm mode: the only place that talks py-amqp directly.
+
+    Raises driver errors as they come (and :class:`TimeoutError` for confirms not received in
+    time); :class:`~outbox_tasks.publisher.BrokerPublisher` translates them and drops the link.
+    """
+
+    def __init__(self, conn: Any, exchange: str, exchange_type: str, timeout: float) -> None:
+        self._raw: Any = conn.connection
+        # py-amqp puts the socket back in blocking mode after connecting; give every later read
+        # and write (channel open, declare, publish) a bound so a silent broker cannot hang us.
+        self._raw.transport.sock.settimeout(timeout)
+        self._channel: Any = conn.channel()
+        self._exchange = exchange
+        self._exchange_type = exchange_type
+        self._timeout = timeout
+        self._channel.confirm_select()
+        self._channel.events["basic_ack"].add(self._on_ack)
+        self._channel.events["basic_nack"].add(self._on_nack)
+        self._channel.events["basic_return"].add(self._on_return)
+        # Confirm delivery tags count publishes on the channel from 1.
+        self._next_tag = 1
+        self._unconfirmed: dict[int, int] = {}  # delivery tag -> message index
+        self._nacked: set[int] = set()  # message indexes
+        self._returned: set[str] = set()  # event ids sent back as unroutable
+
+    def alive(self) -> bool:
+        # Handle whatever the broker said while we were idle (e.g. it closed the connection),
+        # so a dead connection is replaced before any message is sent on it.
+        try:
+            self._raw.drain_events(timeout=0)
+        except TimeoutError:
+            return True
+        except Exception:  # whatever it is, this connection is not worth keeping
+            return False
+        return True
+
+    def declare(self) -> None:
+        try:
+            _exchange(self._exchange, type=self._exchange_type, durable=True).declare(
+                channel=self._channel
+            )
+        except PreconditionFailed as exc:
+            # The exchange exists with another type or durability: retrying cannot help.
+            raise ConfigurationError(
+                f"exchange {self._exchange!r} exists with settings other than "
+                f"type={self._exchange_type!r}, durable=True: {exc}"
+            ) from exc
+
+    def publish(self, messages: Sequence[OutboundMessage]) -> BatchResult:
+        """Send ``messages`` in waves of one per aggregate, each wave fully confirmed first."""
+        wires: list[Any] = []
+        errors: dict[int, str] = {}
+        for index, message in enumerate(messages):
+            wire, error = self._prepare(message)
+            wires.append(wire)
+            if error is not None:
+                errors[index] = error
+
+        published: list[str] = []
+        failed: dict[str, str] = {}
+        skipped: list[str] = []
+        unroutable = 0
+        lanes = _lanes(messages)
+        self._returned.clear()
+        while lanes:
+            wave: list[int] = []
+            alive: list[deque[int]] = []
+            for lane in lanes:
+                index = lane.popleft()
+                if index in errors:
+                    failed[messages[index].event_id] = errors[index]
+                    skipped.extend(messages[i].event_id for i in lane)
+                    continue
+                wave.append(index)
+                if lane:
+                    alive.append(lane)
+            wave.sort()
+            nacked = self._send_wave(wave, messages, wires)
+            lanes = []
+            for lane in alive:
+                if messages[lane[0]].aggregate_key in nacked:
+                    skipped.extend(messages[i].event_id for i in lane)
+                else:
+                    lanes.append(lane)
+            for index in wave:
+                event_id = messages[index].event_id
+                if messages[index].aggregate_key in nacked:
+                    failed[event_id] = "rejected by the broker (basic.nack)"
+                else:
+                    published.append(event_id)
+                    if event_id in self._returned:
+                        unroutable += 1
+        return BatchResult(published, failed, skipped, unroutable)
+
+    def _prepare(self, message: OutboundMessage) -> tuple[Any, str | None]:
+        wire = self._channel.prepare_message(
+            message.body,
+            0,
+            CONTENT_TYPE,
+            CONTENT_ENCODING,
+            message.headers,
+            {"delivery_mode": PERSISTENT, "message_id": message.event_id},
+        )
+        try:
+            # py-amqp encodes the properties only while writing the frame, and an encoding error
+            # there is reported as a connection error. Encoding beforehand (private helper)
+            # keeps a bad header this message's own failure.
+            encoded = wire._serialize_properties()
+        except Exception as exc:  # local encoding only, so the message's own fault
+            return wire, encoding_failure(exc)
+        # ... and the frame writer reuses these bytes instead of encoding them a second time
+        # (the properties are the bulk of py-amqp's CPU time per message).
+        wire._serialize_properties = lambda: encoded
+        return wire, None
+
+    def _send_wave(
+        self, wave: list[int], messages: Sequence[OutboundMessage], wires: list[Any]
+    ) -> set[tuple[str, str]]:
+        """Publish one message per aggregate, wait for every confirm; return nacked aggregates."""
+        if not wave:
+            return set()
+        self._nacked.clear()
+        for index in wave:
+            self._unconfirmed[self._next_tag] = index
+            self._next_tag += 1
+            self._channel.basic_publish(
+                wires[index],
+                exchange=self._exchange,
+                routing_key=messages[index].routing_key,
+                # Unroutable messages come back as basic.return before their ack: we only
+                # count them, they are dropped exactly as without the flag.
+                mandatory=True,
+            )
+        deadline = time.monotonic() + self._timeout
+        while self._unconfirmed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                # Reported by the caller as BrokerUnavailable, with the URL.
+                raise TimeoutError(
+                    f"{len(self._unconfirmed)} of {len(wave)} publisher confirms not received "
+                    f"within {self._timeout:g}s"
+                )
+            with suppress(TimeoutError):
+                self._raw.drain_events(timeout=remaining)
+        return {messages[index].aggregate_key for index in self._nacked}
+
+    def _settle(self, delivery_tag: int, multiple: bool, nacked: bool) -> None:
+        if multiple:
+            # Tags are inserted in increasing order, so the settled ones are a prefix.
+            settled = []
+            for tag in self._unconfirmed:
+                if tag > delivery_tag:
+                    break
+                settled.append(tag)
+        else:
+            settled = [delivery_tag] if delivery_tag in self._unconfirmed else []
+        for tag in settled:
+            index = self._unconfirmed.pop(tag)
+            if nacked:
+                self._nacked.add(index)
+
+    def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
+        self._settle(delivery_tag, multiple, nacked=False)
+
+    def _on_nack(self, delivery_tag: int, multiple: bool) -> None:
+        self._settle(delivery_tag, multiple, nacked=True)
+
+    def _on_return(self, exc: object, exchange: str, routing_key: str, message: Any) -> None:
+        event_id = message.properties.get("message_id")
+        if isinstance(event_id, str):
+            self._returned.add(event_id)
