@@ -1,4 +1,7 @@
-"""What ``outbox-tasks status`` reports: read from PostgreSQL, the source of truth."""
+"""What ``outbox-tasks status`` reports: read from PostgreSQL, the source of truth.
+
+A read model: it reads the database (``store.reports``) and renders; asking the workers for
+their circuits is the caller's business (``add_circuits`` takes their answers)."""
 
 from __future__ import annotations
 
@@ -6,12 +9,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
+from outbox_tasks.partitioning import slot_range
 from outbox_tasks.settings import Settings
+from outbox_tasks.store import reports
 
 OLDEST_PENDING_ATTENTION_SECONDS = 300.0
+_NO_BACKLOG = reports.PartitionBacklog(rows=0, due=0)
 
 
 @dataclass
@@ -62,61 +67,21 @@ class Status:
 
 
 def collect_status(engine: Engine, settings: Settings) -> Status:
+    """One reading of the database (one connection, five statements): totals, the backlog and
+    lease of each of ``settings.partitions`` partitions, and the outbox table's statistics."""
     with engine.connect() as conn:
-        totals = conn.execute(
-            text(
-                """
-                SELECT count(*) FILTER (WHERE dead_lettered_at IS NULL) AS pending,
-                       EXTRACT(EPOCH FROM clock_timestamp() - min(created_at)
-                               FILTER (WHERE dead_lettered_at IS NULL)) AS oldest,
-                       count(*) FILTER (WHERE dead_lettered_at IS NOT NULL) AS parked,
-                       count(DISTINCT (aggregate_type, aggregate_id))
-                           FILTER (WHERE dead_lettered_at IS NOT NULL) AS parked_aggregates,
-                       count(*) FILTER (WHERE dead_lettered_at IS NULL
-                                        AND next_attempt_at IS NOT NULL) AS retrying
-                FROM outbox WHERE published_at IS NULL
-                """
-            )
-        ).one()
-        recent = conn.execute(
-            text(
-                "SELECT count(*) FROM outbox WHERE published_at > clock_timestamp() - "
-                "interval '1 minute'"
-            )
-        ).scalar_one()
-        backlog = {
-            int(r.partition): (int(r.n), int(r.due))
-            for r in conn.execute(
-                text(
-                    "SELECT (slot::int * :n / 1024) AS partition, count(*) AS n, "
-                    "count(*) FILTER (WHERE next_attempt_at IS NULL "
-                    "OR next_attempt_at <= clock_timestamp()) AS due FROM outbox "
-                    "WHERE published_at IS NULL AND dead_lettered_at IS NULL GROUP BY 1"
-                ),
-                {"n": settings.partitions},
-            )
-        }
-        health = conn.execute(
-            text(
-                "SELECT n_dead_tup, n_live_tup, last_autovacuum FROM pg_stat_user_tables "
-                "WHERE relid = 'outbox'::regclass"
-            )
-        ).one_or_none()
-        leases = conn.execute(
-            text(
-                "SELECT partition, slot_lo, slot_hi, owner, epoch, leased_until, "
-                "leased_until > clock_timestamp() AS live, last_published_at "
-                "FROM outbox_partition WHERE partition_count = :n ORDER BY partition"
-            ),
-            {"n": settings.partitions},
-        ).all()
-    from outbox_tasks.partitioning import slot_range
+        totals = reports.outbox_totals(conn)
+        recent = reports.count_published_last_minute(conn)
+        backlog = reports.backlog_by_partition(conn, settings.partitions)
+        health = reports.table_health(conn)
+        leases = reports.lease_states(conn, settings.partitions)
 
     by_partition = {r.partition: r for r in leases}
     rows = []
     for p in range(settings.partitions):
         lo, hi = slot_range(p, settings.partitions)
         lease = by_partition.get(p)
+        waiting = backlog.get(p, _NO_BACKLOG)
         rows.append(
             PartitionStatus(
                 partition=p,
@@ -126,23 +91,23 @@ def collect_status(engine: Engine, settings: Settings) -> Status:
                 epoch=lease.epoch if lease else 0,
                 leased_until=lease.leased_until if lease else None,
                 live=bool(lease and lease.live),
-                backlog=backlog.get(p, (0, 0))[0],
-                due=backlog.get(p, (0, 0))[1],
+                backlog=waiting.rows,
+                due=waiting.due,
                 last_published_at=lease.last_published_at if lease else None,
             )
         )
     last = max((r.last_published_at for r in rows if r.last_published_at), default=None)
     status = Status(
         partitions=settings.partitions,
-        pending=int(totals.pending),
-        oldest_pending_age_seconds=float(totals.oldest) if totals.oldest is not None else None,
-        parked_messages=int(totals.parked),
-        parked_aggregates=int(totals.parked_aggregates),
-        retrying_messages=int(totals.retrying),
+        pending=totals.pending,
+        oldest_pending_age_seconds=totals.oldest_pending_age_seconds,
+        parked_messages=totals.parked_messages,
+        parked_aggregates=totals.parked_aggregates,
+        retrying_messages=totals.retrying_messages,
         last_published_at=last,
-        published_last_minute=int(recent),
-        dead_tuples=int(health.n_dead_tup) if health else 0,
-        live_tuples=int(health.n_live_tup) if health else 0,
+        published_last_minute=recent,
+        dead_tuples=health.n_dead_tup if health else 0,
+        live_tuples=health.n_live_tup if health else 0,
         last_autovacuum=health.last_autovacuum if health else None,
         partition_rows=rows,
     )
