@@ -19,17 +19,14 @@ copy stays) and unparks the aggregate. Both are idempotent and audited.
 from __future__ import annotations
 
 import getpass
-import json
 import logging
 import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import datetime
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
 from outbox_tasks.envelope import OutboundMessage, message_for_row
@@ -38,75 +35,38 @@ from outbox_tasks.logs import event, get_logger
 from outbox_tasks.partitioning import partition_of
 from outbox_tasks.relay import Publisher
 from outbox_tasks.settings import Settings
+from outbox_tasks.store import deadletter as store
+from outbox_tasks.store import reports
+from outbox_tasks.store.deadletter import (
+    UNRESOLVED_STATUSES,
+    DeadLetterView,
+    ExhaustedRow,
+    Filters,
+    MatchedDeadLetter,
+)
+
+# DeadLetterView and Filters are the shapes of the store's queries, and part of this API.
+__all__ = [
+    "H_DEAD_REASON",
+    "H_DEAD_RETRIES",
+    "DeadLetterView",
+    "Filters",
+    "Resolution",
+    "collect",
+    "counts",
+    "default_actor",
+    "discard",
+    "history",
+    "list_dead_letters",
+    "parse_ids",
+    "replay",
+    "show",
+]
 
 log = get_logger("deadletter")
 
 H_DEAD_REASON = "outbox-dead-letter-reason"
 H_DEAD_RETRIES = "outbox-dead-letter-retries"
-
-
-@dataclass(frozen=True, slots=True)
-class DeadLetterView:
-    id: uuid.UUID
-    aggregate_type: str
-    aggregate_id: str
-    event_type: str
-    seq: int
-    status: str
-    attempts: int
-    last_error: str | None
-    created_at: datetime
-    first_failed_at: datetime | None
-    last_failed_at: datetime | None
-    dead_lettered_at: datetime
-    resolved_at: datetime | None
-    resolved_by: str | None
-    resolution_reason: str | None
-    payload: Any = None
-    headers: dict[str, Any] | None = None
-    errors: list[Any] | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True, slots=True)
-class Filters:
-    """Which dead letters an operation applies to. Empty filters match nothing unless
-    ``everything`` is set, so a typo can never replay or discard the whole table."""
-
-    ids: tuple[uuid.UUID, ...] = ()
-    aggregate_type: str | None = None
-    aggregate_id: str | None = None
-    event_type: str | None = None
-    since: datetime | None = None
-    everything: bool = False
-
-    @property
-    def empty(self) -> bool:
-        return not (
-            self.ids or self.aggregate_type or self.aggregate_id or self.event_type or self.since
-        )
-
-    def where(self) -> tuple[str, dict[str, Any]]:
-        clauses: list[str] = ["TRUE"]
-        params: dict[str, Any] = {}
-        if self.ids:
-            clauses.append("d.id = ANY(CAST(:ids AS uuid[]))")
-            params["ids"] = list(self.ids)
-        if self.aggregate_type:
-            clauses.append("d.aggregate_type = :aggregate_type")
-            params["aggregate_type"] = self.aggregate_type
-        if self.aggregate_id:
-            clauses.append("d.aggregate_id = :aggregate_id")
-            params["aggregate_id"] = self.aggregate_id
-        if self.event_type:
-            clauses.append("d.event_type = :event_type")
-            params["event_type"] = self.event_type
-        if self.since:
-            clauses.append("d.dead_lettered_at >= :since")
-            params["since"] = self.since
-        return " AND ".join(clauses), params
 
 
 @dataclass
@@ -137,57 +97,7 @@ def default_actor() -> str:
     return f"{user}@{os.uname().nodename}"
 
 
-# --- statements -------------------------------------------------------------------------------
-
-_EXHAUSTED = text(
-    """
-    SELECT o.id, o.aggregate_type, o.aggregate_id, o.event_type, o.payload::text AS payload_json,
-           o.headers, o.schema_version, o.seq, o.slot, o.created_at, o.retry_count, o.last_error,
-           o.first_failed_at, o.dead_lettered_at
-    FROM outbox o
-    WHERE o.dead_lettered_at IS NOT NULL AND o.published_at IS NULL
-      AND NOT EXISTS (SELECT 1 FROM outbox_dead_letter d WHERE d.id = o.id)
-    ORDER BY o.seq
-    LIMIT :limit
-    FOR UPDATE OF o SKIP LOCKED
-    """
-)
-
-_RECORD = text(
-    """
-    INSERT INTO outbox_dead_letter (id, aggregate_type, aggregate_id, event_type, payload, headers,
-        schema_version, seq, created_at, attempts, last_error, errors, first_failed_at,
-        last_failed_at, dead_lettered_at, status)
-    SELECT o.id, o.aggregate_type, o.aggregate_id, o.event_type, o.payload, o.headers,
-           o.schema_version, o.seq, o.created_at, o.retry_count, o.last_error,
-           jsonb_build_array(jsonb_build_object('at', o.dead_lettered_at, 'error', o.last_error,
-                                                'attempts', o.retry_count)),
-           o.first_failed_at, o.dead_lettered_at, clock_timestamp(), :status
-    FROM outbox o WHERE o.id = :id
-    ON CONFLICT (id) DO NOTHING
-    """
-)
-
-_DROP_SKIPPED = text(
-    "DELETE FROM outbox WHERE id = ANY(CAST(:ids AS uuid[])) AND dead_lettered_at IS NOT NULL "
-    "AND published_at IS NULL"
-)
-
-
-def _select_exhausted(conn: Connection, limit: int) -> list[Any]:
-    return list(conn.execute(_EXHAUSTED, {"limit": limit}))
-
-
-def _record(conn: Connection, event_id: uuid.UUID, status: str) -> None:
-    conn.execute(_RECORD, {"id": event_id, "status": status})
-
-
-def _drop_skipped(conn: Connection, ids: list[uuid.UUID]) -> None:
-    if ids:
-        conn.execute(_DROP_SKIPPED, {"ids": ids})
-
-
-def _dead_copy(row: Any, settings: Settings) -> OutboundMessage:
+def _dead_copy(row: ExhaustedRow, settings: Settings) -> OutboundMessage:
     message = message_for_row(
         row, partition=partition_of(row.slot, settings.partitions), epoch=0, redelivered=False
     )
@@ -206,7 +116,7 @@ def collect(
     copy on the next run (at least once), never loses it.
     """
     with engine.begin() as conn:
-        rows = _select_exhausted(conn, limit)
+        rows = store.select_exhausted(conn, limit)
         if not rows:
             return {"recorded": 0, "skipped": 0}
         result = publisher.publish_batch([_dead_copy(r, settings) for r in rows])
@@ -216,10 +126,10 @@ def collect(
             if str(row.id) not in sent:
                 continue  # the copy could not be published: try again next run
             policy = settings.event_type_policies.get(row.event_type, "park")
-            _record(conn, row.id, "skipped" if policy == "skip" else "parked")
+            store.record_dead_letter(conn, row.id, "skipped" if policy == "skip" else "parked")
             if policy == "skip":
                 skipped_ids.append(row.id)
-        _drop_skipped(conn, skipped_ids)
+        store.drop_skipped(conn, skipped_ids)
     recorded = len(sent)
     if recorded:
         event(
@@ -234,36 +144,6 @@ def collect(
     return {"recorded": recorded, "skipped": len(skipped_ids)}
 
 
-_COLUMNS = (
-    "d.id, d.aggregate_type, d.aggregate_id, d.event_type, d.seq, d.status, d.attempts, "
-    "d.last_error, d.created_at, d.first_failed_at, d.last_failed_at, d.dead_lettered_at, "
-    "d.resolved_at, d.resolved_by, d.resolution_reason"
-)
-
-
-def _view(row: Any, full: bool = False) -> DeadLetterView:
-    return DeadLetterView(
-        id=row.id,
-        aggregate_type=row.aggregate_type,
-        aggregate_id=row.aggregate_id,
-        event_type=row.event_type,
-        seq=row.seq,
-        status=row.status,
-        attempts=row.attempts,
-        last_error=row.last_error,
-        created_at=row.created_at,
-        first_failed_at=row.first_failed_at,
-        last_failed_at=row.last_failed_at,
-        dead_lettered_at=row.dead_lettered_at,
-        resolved_at=row.resolved_at,
-        resolved_by=row.resolved_by,
-        resolution_reason=row.resolution_reason,
-        payload=row.payload if full else None,
-        headers=row.headers if full else None,
-        errors=row.errors if full else None,
-    )
-
-
 def list_dead_letters(
     engine: Engine,
     filters: Filters,
@@ -273,61 +153,17 @@ def list_dead_letters(
     offset: int = 0,
 ) -> list[DeadLetterView]:
     """Dead letters matching the filters, oldest first (the order replay uses)."""
-    where, params = filters.where()
-    if status:
-        where += " AND d.status = :status"
-        params["status"] = status
-    params.update(limit=limit, offset=offset)
     with engine.connect() as conn:
-        rows = conn.execute(
-            text(
-                f"SELECT {_COLUMNS} FROM outbox_dead_letter d WHERE {where} "
-                "ORDER BY d.seq LIMIT :limit OFFSET :offset"
-            ),
-            params,
-        )
-        return [_view(r) for r in rows]
+        return store.select_dead_letters(conn, filters, status=status, limit=limit, offset=offset)
 
 
 def show(engine: Engine, event_id: uuid.UUID) -> DeadLetterView:
+    """One dead letter in full (payload, headers, error history). Raises NotFound."""
     with engine.connect() as conn:
-        row = conn.execute(
-            text(
-                f"SELECT {_COLUMNS}, d.payload, d.headers, d.errors "
-                "FROM outbox_dead_letter d WHERE d.id = :id"
-            ),
-            {"id": event_id},
-        ).one_or_none()
-    if row is None:
+        view = store.select_dead_letter(conn, event_id)
+    if view is None:
         raise NotFound(f"no dead letter with id {event_id} (see `outbox-tasks dlq list`)")
-    return _view(row, full=True)
-
-
-_AUDIT = text(
-    "INSERT INTO outbox_dead_letter_audit (actor, action, event_id, aggregate_type, "
-    "aggregate_id, reason, details) VALUES (:actor, :action, :event_id, :aggregate_type, "
-    ":aggregate_id, :reason, CAST(:details AS jsonb))"
-)
-
-_RESOLVE = text(
-    "UPDATE outbox_dead_letter SET status = :status, resolved_at = clock_timestamp(), "
-    "resolved_by = :actor, resolution_reason = :reason "
-    "WHERE id = :id AND status IN ('parked', 'skipped') RETURNING id"
-)
-
-# Put the original row back in line: same id and seq, so it goes before the aggregate's later
-# rows. A skip-policy row was removed from the outbox: re-insert it from the dead-letter copy.
-_REQUEUE = text(
-    "UPDATE outbox SET dead_lettered_at = NULL, retry_count = 0, next_attempt_at = NULL, "
-    "last_error = NULL, first_failed_at = NULL WHERE id = :id AND published_at IS NULL"
-)
-_REINSERT = text(
-    "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, headers, "
-    "schema_version, created_at) SELECT id, aggregate_type, aggregate_id, event_type, payload, "
-    "headers, schema_version, created_at FROM outbox_dead_letter WHERE id = :id "
-    "ON CONFLICT (id) DO NOTHING"
-)
-_REMOVE = text("DELETE FROM outbox WHERE id = :id AND published_at IS NULL")
+    return view
 
 
 def _resolve(
@@ -338,7 +174,7 @@ def _resolve(
     actor: str,
     reason: str | None,
     dry_run: bool,
-    per_row: Callable[[Connection, Any], None],
+    per_row: Callable[[Connection, MatchedDeadLetter], None],
     rate_per_second: float | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Resolution:
@@ -347,17 +183,8 @@ def _resolve(
             f"{action} needs an id, an aggregate or other filters, or --all: refusing to act on "
             "every dead letter by accident"
         )
-    where, params = filters.where()
     with engine.connect() as conn:
-        rows = list(
-            conn.execute(
-                text(
-                    f"SELECT d.id, d.status, d.aggregate_type, d.aggregate_id, d.seq "
-                    f"FROM outbox_dead_letter d WHERE {where} ORDER BY d.seq"
-                ),
-                params,
-            )
-        )
+        rows = store.select_matching(conn, filters)
     if filters.ids and len(rows) < len(set(filters.ids)):
         missing = set(filters.ids) - {r.id for r in rows}
         raise NotFound("no dead letter with id " + ", ".join(sorted(str(m) for m in missing)))
@@ -366,33 +193,30 @@ def _resolve(
         dry_run=dry_run,
         matched=[r.id for r in rows],
         changed=[],
-        already_resolved=[r.id for r in rows if r.status not in ("parked", "skipped")],
+        already_resolved=[r.id for r in rows if r.status not in UNRESOLVED_STATUSES],
     )
     if dry_run:
-        result.changed = [r.id for r in rows if r.status in ("parked", "skipped")]
+        result.changed = [r.id for r in rows if r.status in UNRESOLVED_STATUSES]
         return result
     status = "replayed" if action == "replay" else "discarded"
     for row in rows:
-        if row.status not in ("parked", "skipped"):
+        if row.status not in UNRESOLVED_STATUSES:
             continue
         with engine.begin() as conn:
-            resolved = conn.execute(
-                _RESOLVE, {"status": status, "actor": actor, "reason": reason, "id": row.id}
-            ).one_or_none()
-            if resolved is None:
+            if not store.resolve_dead_letter(
+                conn, row.id, status=status, actor=actor, reason=reason
+            ):
                 continue  # resolved concurrently by someone else: idempotent
             per_row(conn, row)
-            conn.execute(
-                _AUDIT,
-                {
-                    "actor": actor,
-                    "action": action,
-                    "event_id": row.id,
-                    "aggregate_type": row.aggregate_type,
-                    "aggregate_id": row.aggregate_id,
-                    "reason": reason,
-                    "details": json.dumps({"seq": row.seq}),
-                },
+            store.insert_audit(
+                conn,
+                actor=actor,
+                action=action,
+                event_id=row.id,
+                aggregate_type=row.aggregate_type,
+                aggregate_id=row.aggregate_id,
+                reason=reason,
+                details={"seq": row.seq},
             )
         result.changed.append(row.id)
         if rate_per_second:
@@ -420,9 +244,9 @@ def replay(
 ) -> Resolution:
     """Put dead letters back in line, oldest first, at most ``rate_per_second``."""
 
-    def requeue(conn: Connection, row: Any) -> None:
-        if conn.execute(_REQUEUE, {"id": row.id}).rowcount == 0:
-            conn.execute(_REINSERT, {"id": row.id})
+    def requeue(conn: Connection, row: MatchedDeadLetter) -> None:
+        if not store.requeue_outbox_row(conn, row.id):
+            store.reinsert_outbox_row(conn, row.id)
 
     return _resolve(
         engine,
@@ -444,8 +268,8 @@ def discard(
     if not reason or not reason.strip():
         raise InvalidMessage("discard needs a reason (--reason): it is kept in the audit trail")
 
-    def remove(conn: Connection, row: Any) -> None:
-        conn.execute(_REMOVE, {"id": row.id})
+    def remove(conn: Connection, row: MatchedDeadLetter) -> None:
+        store.remove_outbox_row(conn, row.id)
 
     return _resolve(
         engine,
@@ -461,29 +285,18 @@ def discard(
 def history(
     engine: Engine, *, limit: int = 50, event_id: uuid.UUID | None = None
 ) -> list[dict[str, Any]]:
-    where = "WHERE event_id = :event_id" if event_id else ""
+    """The newest ``limit`` audit lines (all, or those of ``event_id``), newest first, as dicts:
+    id, at, actor, action, event_id, aggregate_type, aggregate_id, reason, details."""
     with engine.connect() as conn:
-        rows = conn.execute(
-            text(
-                "SELECT id, at, actor, action, event_id, aggregate_type, aggregate_id, "
-                f"reason, details FROM outbox_dead_letter_audit {where} "
-                "ORDER BY id DESC LIMIT :limit"
-            ),
-            {"limit": limit, "event_id": event_id},
-        )
-        return [dict(r._mapping) for r in rows]
+        entries = store.select_audit(conn, limit=limit, event_id=event_id)
+    return [asdict(e) for e in entries]
 
 
 def counts(engine: Engine) -> dict[str, int]:
-    """Unresolved dead letters and parked aggregates (for status and metrics)."""
+    """Unresolved dead letters and parked aggregates (the same reading status and metrics use)."""
     with engine.connect() as conn:
-        row = conn.execute(
-            text(
-                "SELECT count(*) AS parked, count(DISTINCT (aggregate_type, aggregate_id)) AS aggs "
-                "FROM outbox WHERE dead_lettered_at IS NOT NULL AND published_at IS NULL"
-            )
-        ).one()
-    return {"dead_letters": int(row.parked), "parked_aggregates": int(row.aggs)}
+        totals = reports.outbox_totals(conn)
+    return {"dead_letters": totals.parked_messages, "parked_aggregates": totals.parked_aggregates}
 
 
 def parse_ids(values: Sequence[str]) -> tuple[uuid.UUID, ...]:
