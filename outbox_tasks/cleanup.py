@@ -7,14 +7,16 @@ Modes (``OUTBOX_CLEANUP_MODE``):
   (rows published before the mode was switched, or by a relay still running with ``retain``).
 - ``retain``: delete rows published more than ``OUTBOX_RETENTION_SECONDS`` ago.
 - ``archive``: the same rows, but each batch is first written to a ``.jsonl.gz`` file under
-  ``OUTBOX_ARCHIVE_URL`` (temp name, fsync, rename, fsync of the directory) and only then deleted,
-  by the exact ids written. A crash between the two leaves the rows: they are archived twice,
-  never lost.
+  ``OUTBOX_ARCHIVE_URL`` (``archive.py``: temp name, fsync, rename, fsync of the directory) and
+  only then deleted, by the exact ids written. A crash between the two leaves the rows: they are
+  archived twice, never lost.
 
-Every batch is its own short transaction (one statement in delete/retain mode): the relay's
-commit-order guard and vacuum are held back by long transactions, so cleanup never holds one.
-Rows are picked with ``FOR UPDATE SKIP LOCKED`` through ``ix_outbox_published_at`` and deleted
-in the same statement; nothing waits for a row lock and no table lock stronger than ROW
+A run is one loop over its steps (published rows, consumer receipts, resolved dead letters; each
+a table, a cutoff and, in archive mode, a directory), batch after batch. Every batch is its own
+short transaction (one statement in delete/retain mode): the relay's commit-order guard and
+vacuum are held back by long transactions, so cleanup never holds one. Rows are locked through
+the index of their timestamp, skipping rows someone else holds, and deleted in the same statement
+(``store/cleanup.py``); nothing waits for a row lock and no table lock stronger than ROW
 EXCLUSIVE is taken, so producers and publishers are never blocked. One run at a time per
 database (a session advisory lock, held by an idle connection, not a transaction).
 """
@@ -23,62 +25,41 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gzip
 import json
 import logging
-import os
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
-from urllib.parse import unquote, urlsplit
+from typing import Any, NamedTuple
 
-from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
+from outbox_tasks.archive import archive_batch, archive_directory, write_archive_file
 from outbox_tasks.errors import ConfigurationError
 from outbox_tasks.logs import event, get_logger
 from outbox_tasks.settings import Settings, env_var
+from outbox_tasks.store import reports
+from outbox_tasks.store.cleanup import (
+    PUBLISHED,
+    RECEIPTS,
+    RESOLVED_DEAD_LETTERS,
+    AgedRows,
+    Position,
+    count_aged,
+    delete_aged,
+    delete_archived,
+    select_published,
+    try_lock_cleanup,
+    unlock_cleanup,
+)
 
 log = get_logger("cleanup")
 
-# Consumer receipts are kept this long when the settings have no receipt retention of their own
-# (OUTBOX_RECEIPT_RETENTION_SECONDS): long enough to drop any redelivery a broker can still make.
 # Memory bound of one archive batch (serialized lines, before compression).
 DEFAULT_ARCHIVE_MAX_BYTES = 64 * 1024 * 1024
-# Serializes cleanup runs per database ("cleanup" in ASCII); distinct from the lease lock key.
-CLEANUP_LOCK_KEY = 0x636C65616E7570
-# Dead-letter statuses that mean "resolved": only these are ever purged.
-RESOLVED_DEAD_LETTER_STATUSES = ("replayed", "discarded")
-
-ARCHIVE_SUFFIX = ".jsonl.gz"
-# Every column of the outbox table, in table order: one key per column in each archive line.
-ARCHIVE_COLUMNS = (
-    "id",
-    "aggregate_type",
-    "aggregate_id",
-    "event_type",
-    "payload",
-    "created_at",
-    "published_at",
-    "retry_count",
-    "last_error",
-    "seq",
-    "txid",
-    "slot",
-    "next_attempt_at",
-    "headers",
-    "schema_version",
-    "first_failed_at",
-    "dead_lettered_at",
-)
-# jsonb columns are read as PostgreSQL's own text and written verbatim (exact numbers).
-_RAW_JSON_COLUMNS = frozenset({"payload", "headers"})
-
-_PAST = "'-infinity'::timestamptz"
 
 
 def utc_now() -> datetime:
@@ -86,345 +67,14 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-# --- statements -------------------------------------------------------------------------------
-
-# PostgreSQL has no DELETE ... LIMIT: lock a bounded, index-ordered sub-select (skipping rows
-# someone else holds) and delete exactly those row versions by ctid: a TID scan, about twice as
-# fast as looking 5000 random uuids up in the primary key (bench/cleanup.py). FOR UPDATE re-checks
-# the sub-select's conditions on the row it locks and the lock is held until the delete, so the
-# outer statement repeats none of them. Should a row have been updated concurrently (published
-# rows never are), its new version is simply not deleted this time: never a wrong row. The lower
-# bound (:after, the newest published_at of the previous batch) keeps each batch from re-walking
-# the index entries of rows the earlier batches deleted but vacuum has not removed yet.
-_DELETE_PUBLISHED = text(
-    f"""
-    DELETE FROM outbox
-    WHERE ctid = ANY(ARRAY(
-        SELECT ctid FROM outbox
-        WHERE published_at IS NOT NULL
-          AND published_at >= COALESCE(CAST(:after AS timestamptz), {_PAST})
-          AND published_at < :cutoff
-        ORDER BY published_at
-        LIMIT :limit
-        FOR UPDATE SKIP LOCKED
-    ))
-    RETURNING published_at
-    """
-)
-
-
-def delete_published(
-    conn: Connection, *, cutoff: datetime, after: datetime | None, limit: int
-) -> tuple[int, datetime | None]:
-    """Delete up to ``limit`` rows published before ``cutoff`` (oldest first, from ``after``).
-
-    Returns (rows deleted, newest published_at among them).
-    """
-    stamps = [
-        r.published_at
-        for r in conn.execute(_DELETE_PUBLISHED, {"cutoff": cutoff, "after": after, "limit": limit})
-    ]
-    return len(stamps), max(stamps, default=None)
-
-
-_COUNT_PUBLISHED = text(
-    "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL AND published_at < :cutoff"
-)
-
-
-def count_published(conn: Connection, *, cutoff: datetime) -> int:
-    """How many rows were published before ``cutoff`` (dry run)."""
-    return int(conn.execute(_COUNT_PUBLISHED, {"cutoff": cutoff}).scalar_one())
-
-
-# Archive reads take no locks (published rows are never changed by the relay) and page by
-# (published_at, id) so a row that could not be deleted is never read twice in one run.
-_SELECT_ARCHIVE = text(
-    f"""
-    SELECT id, aggregate_type, aggregate_id, event_type, payload::text AS payload, created_at,
-           published_at, retry_count, last_error, seq, txid::text AS txid, slot, next_attempt_at,
-           headers::text AS headers, schema_version, first_failed_at, dead_lettered_at
-    FROM outbox
-    WHERE published_at IS NOT NULL
-      AND published_at >= COALESCE(CAST(:after_at AS timestamptz), {_PAST})
-      AND published_at < :cutoff
-      AND (CAST(:after_at AS timestamptz) IS NULL
-           OR (published_at, id) > (CAST(:after_at AS timestamptz), CAST(:after_id AS uuid)))
-    ORDER BY published_at, id
-    LIMIT :limit
-    """
-)
-
-
-@dataclass(frozen=True, slots=True)
-class ArchivedRow:
-    """One outbox row as written to an archive file."""
-
-    id: uuid.UUID
-    published_at: datetime
-    seq: int
-    line: str
-
-
-def select_archive_batch(
-    conn: Connection,
-    *,
-    cutoff: datetime,
-    after: tuple[datetime, uuid.UUID] | None,
-    limit: int,
-    max_bytes: int,
-) -> tuple[list[ArchivedRow], bool]:
-    """Read up to ``limit`` rows published before ``cutoff``, after the (published_at, id) key,
-    as archive lines; stop early once ``max_bytes`` of lines are read (streamed, so a batch of
-    large payloads never sits in memory whole).
-
-    Returns (rows, True when stopped by the byte bound).
-    """
-    params = {
-        "cutoff": cutoff,
-        "after_at": after[0] if after else None,
-        "after_id": after[1] if after else None,
-        "limit": limit,
-    }
-    rows: list[ArchivedRow] = []
-    size = 0
-    result = conn.execute(_SELECT_ARCHIVE, params, execution_options={"yield_per": 500})
-    try:
-        for r in result:
-            line = archive_line(r._asdict())
-            rows.append(ArchivedRow(id=r.id, published_at=r.published_at, seq=r.seq, line=line))
-            size += len(line) + 1
-            if size >= max_bytes and len(rows) < limit:
-                return rows, True
-    finally:
-        result.close()
-    return rows, False
-
-
-_DELETE_ARCHIVED = text(
-    """
-    DELETE FROM outbox
-    WHERE id = ANY(ARRAY(
-        SELECT id FROM outbox
-        WHERE id = ANY(CAST(:ids AS uuid[])) AND published_at IS NOT NULL
-        FOR UPDATE SKIP LOCKED
-    ))
-    RETURNING id
-    """
-)
-
-
-def delete_archived(conn: Connection, ids: Sequence[uuid.UUID]) -> int:
-    """Delete exactly these rows, and only those still published (never a pending row)."""
-    return len(conn.execute(_DELETE_ARCHIVED, {"ids": list(ids)}).all())
-
-
-# Receipts: the same shape as _DELETE_PUBLISHED (and a composite key, which ctid sidesteps).
-_DELETE_RECEIPTS = text(
-    f"""
-    DELETE FROM outbox_consumer_receipt
-    WHERE ctid = ANY(ARRAY(
-        SELECT ctid FROM outbox_consumer_receipt
-        WHERE processed_at >= COALESCE(CAST(:after AS timestamptz), {_PAST})
-          AND processed_at < :cutoff
-        ORDER BY processed_at
-        LIMIT :limit
-        FOR UPDATE SKIP LOCKED
-    ))
-    RETURNING processed_at
-    """
-)
-
-
-def delete_receipts(
-    conn: Connection, *, cutoff: datetime, after: datetime | None, limit: int
-) -> tuple[int, datetime | None]:
-    """Delete up to ``limit`` consumer receipts processed before ``cutoff``, oldest first.
-
-    Returns (rows deleted, newest processed_at among them).
-    """
-    stamps = [
-        r.processed_at
-        for r in conn.execute(_DELETE_RECEIPTS, {"cutoff": cutoff, "after": after, "limit": limit})
-    ]
-    return len(stamps), max(stamps, default=None)
-
-
-_COUNT_RECEIPTS = text("SELECT count(*) FROM outbox_consumer_receipt WHERE processed_at < :cutoff")
-
-
-def count_receipts(conn: Connection, *, cutoff: datetime) -> int:
-    """How many consumer receipts were processed before ``cutoff`` (dry run)."""
-    return int(conn.execute(_COUNT_RECEIPTS, {"cutoff": cutoff}).scalar_one())
-
-
-_RESOLVED = "status IN ('replayed', 'discarded') AND resolved_at < :cutoff"
-
-_DELETE_DEAD_LETTERS = text(
-    f"""
-    DELETE FROM outbox_dead_letter
-    WHERE id = ANY(ARRAY(
-        SELECT id FROM outbox_dead_letter WHERE {_RESOLVED}
-        LIMIT :limit
-        FOR UPDATE SKIP LOCKED
-    ))
-    RETURNING id
-    """
-)
-
-
-def delete_dead_letters(conn: Connection, *, cutoff: datetime, limit: int) -> int:
-    """Delete up to ``limit`` dead letters replayed or discarded before ``cutoff``. Parked and
-    skipped dead letters are never touched; the audit trail (outbox_dead_letter_audit) stays."""
-    return len(conn.execute(_DELETE_DEAD_LETTERS, {"cutoff": cutoff, "limit": limit}).all())
-
-
-_COUNT_DEAD_LETTERS = text(f"SELECT count(*) FROM outbox_dead_letter WHERE {_RESOLVED}")
-
-
-def count_dead_letters(conn: Connection, *, cutoff: datetime) -> int:
-    """How many dead letters were resolved before ``cutoff`` (dry run)."""
-    return int(conn.execute(_COUNT_DEAD_LETTERS, {"cutoff": cutoff}).scalar_one())
-
-
-_TRY_LOCK = text("SELECT pg_try_advisory_lock(:key)")
-_UNLOCK = text("SELECT pg_advisory_unlock(:key)")
-
-
-def try_lock_cleanup(conn: Connection) -> bool:
-    """Take the per-database cleanup lock (session level: it outlives the transaction)."""
-    return bool(conn.execute(_TRY_LOCK, {"key": CLEANUP_LOCK_KEY}).scalar_one())
-
-
-def unlock_cleanup(conn: Connection) -> None:
-    """Release the cleanup lock."""
-    conn.execute(_UNLOCK, {"key": CLEANUP_LOCK_KEY})
-
-
-_TABLE_HEALTH = text(
-    """
-    SELECT n_live_tup, n_dead_tup, last_vacuum, last_autovacuum, last_analyze,
-           last_autoanalyze, pg_total_relation_size(relid) AS total_bytes
-    FROM pg_stat_user_tables
-    WHERE relid = to_regclass('outbox')
-    """
-)
-
-
 def table_health(engine: Engine) -> dict[str, Any]:
-    """Live and dead tuples and the last (auto)vacuum of the outbox table, from
-    ``pg_stat_user_tables`` (statistics: a few hundred ms behind, approximate counts)."""
+    """Live and dead tuples, size and the last (auto)vacuum and analyze of the outbox table, from
+    ``pg_stat_user_tables`` (statistics: a few hundred ms behind, approximate counts); ``{}``
+    when the statistics have no row for it. Keys: n_live_tup, n_dead_tup, last_vacuum,
+    last_autovacuum, last_analyze, last_autoanalyze, total_bytes."""
     with engine.connect() as conn:
-        row = conn.execute(_TABLE_HEALTH).one_or_none()
-    if row is None:
-        return {}
-    return {
-        "n_live_tup": int(row.n_live_tup),
-        "n_dead_tup": int(row.n_dead_tup),
-        "last_vacuum": row.last_vacuum,
-        "last_autovacuum": row.last_autovacuum,
-        "last_analyze": row.last_analyze,
-        "last_autoanalyze": row.last_autoanalyze,
-        "total_bytes": int(row.total_bytes),
-    }
-
-
-# --- archive files ----------------------------------------------------------------------------
-
-
-def archive_directory(archive_url: str) -> Path:
-    """The directory named by ``OUTBOX_ARCHIVE_URL``: a path or a ``file://`` URL of an existing
-    directory. Anything else raises ConfigurationError naming the variable."""
-    var = env_var("archive_url")
-    raw = archive_url.strip()
-    if not raw:
-        raise ConfigurationError(
-            f"{var} is empty: expected a directory (a path or a file:// URL) when "
-            f"{env_var('cleanup_mode')}=archive"
-        )
-    parts = urlsplit(raw)
-    if parts.scheme == "file":
-        if parts.netloc not in ("", "localhost") or not parts.path:
-            raise ConfigurationError(
-                f"{var}={archive_url!r} is not valid: expected file:///absolute/path "
-                "(a local directory; file:// URLs with a host are not supported)"
-            )
-        path = Path(unquote(parts.path))
-    elif "://" in raw or parts.scheme:
-        raise ConfigurationError(
-            f"{var}={archive_url!r} is not valid: expected a directory path or a file:// URL; "
-            f"{parts.scheme}:// is not supported (mount or sync the storage to a local directory)"
-        )
-    else:
-        path = Path(raw)
-    if not path.is_dir():
-        raise ConfigurationError(
-            f"{var}={archive_url!r} is not valid: {path} is not an existing directory"
-        )
-    return path
-
-
-def _json_value(column: str, value: Any) -> str:
-    if value is None:
-        return "null"
-    if column in _RAW_JSON_COLUMNS:
-        return str(value)  # PostgreSQL's jsonb text: valid JSON on one line, numbers exact
-    if isinstance(value, datetime):
-        return json.dumps(value.astimezone(UTC).isoformat())
-    if isinstance(value, uuid.UUID):
-        return json.dumps(str(value))
-    if column == "txid":
-        return str(int(value))
-    return json.dumps(value, ensure_ascii=False)
-
-
-def archive_line(row: dict[str, Any]) -> str:
-    """One outbox row as one JSON object: every column, in table order; uuids and timestamps
-    (UTC, ISO 8601) as strings, txid as an integer, payload and headers as JSON."""
-    return "{" + ",".join(f'"{c}":{_json_value(c, row[c])}' for c in ARCHIVE_COLUMNS) + "}"
-
-
-def archive_file_name(first: ArchivedRow) -> str:
-    """``outbox-<published_at UTC>-<seq>-<random>.jsonl.gz``: names sort by the time of their
-    first row, and two files never collide (even for the same rows archived twice)."""
-    stamp = first.published_at.astimezone(UTC).strftime("%Y%m%dT%H%M%S%fZ")
-    return f"outbox-{stamp}-{first.seq:019d}-{uuid.uuid4().hex[:8]}{ARCHIVE_SUFFIX}"
-
-
-def write_archive_file(directory: Path, rows: Sequence[ArchivedRow]) -> Path:
-    """Write rows durably: temp name, flush, fsync, rename, fsync of the directory. When this
-    returns, the file survives a crash; before, no file with the final name exists."""
-    if not rows:
-        raise ValueError("an archive file needs at least one row")
-    final = directory / archive_file_name(rows[0])
-    temp = directory / f".{final.name}.tmp"
-    try:
-        with open(temp, "xb") as raw:
-            with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=6, mtime=0) as gz:
-                for row in rows:
-                    gz.write(row.line.encode())
-                    gz.write(b"\n")
-            raw.flush()
-            os.fsync(raw.fileno())
-        os.rename(temp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            temp.unlink()
-        raise
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return final
-
-
-def read_archive_file(path: Path | str) -> Iterator[dict[str, Any]]:
-    """The rows of one archive file, as dicts (for restores and checks)."""
-    with gzip.open(path, "rt", encoding="utf-8") as lines:
-        for line in lines:
-            if line.strip():
-                yield json.loads(line)
+        health = reports.table_health(conn)
+    return {} if health is None else health.as_dict()
 
 
 # --- the run ----------------------------------------------------------------------------------
@@ -477,16 +127,6 @@ class Cutoffs:
     dead_letters: datetime
 
 
-@dataclass
-class _Tally:
-    outbox_rows: int = 0
-    archived_rows: int = 0
-    archive_files: list[str] = field(default_factory=list)
-    receipt_rows: int = 0
-    dead_letter_rows: int = 0
-    batches: int = 0
-
-
 def cutoffs(
     settings: Settings, now: datetime, *, receipt_retention_seconds: float | None = None
 ) -> Cutoffs:
@@ -508,6 +148,35 @@ def cutoffs(
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One kind of rows a run removes: which rows, older than what, and (archive mode, published
+    rows only) the directory each batch is written to before it is deleted."""
+
+    category: str  # the step's name in logs: outbox, archive, receipts, dead_letters
+    rows: AgedRows
+    cutoff: datetime
+    archive_to: Path | None = None
+
+
+def plan(limits: Cutoffs, archive_to: Path | None = None) -> list[Step]:
+    """The steps of one run, in order: published rows (archived first when ``archive_to`` is
+    given), consumer receipts, resolved dead letters."""
+    return [
+        Step("outbox" if archive_to is None else "archive", PUBLISHED, limits.outbox, archive_to),
+        Step("receipts", RECEIPTS, limits.receipts),
+        Step("dead_letters", RESOLVED_DEAD_LETTERS, limits.dead_letters),
+    ]
+
+
+@dataclass
+class _Tally:
+    removed: Counter[str] = field(default_factory=Counter)  # rows deleted, by table
+    archived_rows: int = 0
+    archive_files: list[str] = field(default_factory=list)
+    batches: int = 0
+
+
 def run_cleanup(
     engine: Engine,
     settings: Settings,
@@ -524,11 +193,11 @@ def run_cleanup(
 ) -> CleanupReport:
     """One cleanup run: published outbox rows per ``settings.cleanup_mode``, then consumer
     receipts, then resolved dead letters; each in batches of ``batch_size`` rows, one short
-    transaction per batch, ``pause_seconds`` between batches. A category ends when a batch comes
+    transaction per batch, ``pause_seconds`` between batches. A step ends when a batch comes
     back short; the run ends early (``complete=False``) once ``max_seconds`` are spent.
 
     ``now_clock`` gives the wall-clock "now" the cutoffs are computed from (read once);
-    ``monotonic`` and ``sleep`` pace the run. ``dry_run`` counts per category, changes nothing.
+    ``monotonic`` and ``sleep`` pace the run. ``dry_run`` counts per step, changes nothing.
     Raises ConfigurationError for a bad archive directory (before touching anything).
     """
     if batch_size < 1:
@@ -540,8 +209,8 @@ def run_cleanup(
     mode = settings.cleanup_mode
     directory = archive_directory(settings.archive_url) if mode == "archive" else None
     limits = cutoffs(settings, now_clock(), receipt_retention_seconds=receipt_retention_seconds)
+    steps = plan(limits, directory)
     started = monotonic()
-    deadline = None if max_seconds is None else started + max_seconds
     tally = _Tally()
 
     def report(*, complete: bool, skipped: bool = False) -> CleanupReport:
@@ -551,11 +220,11 @@ def run_cleanup(
             outbox_cutoff=limits.outbox,
             receipt_cutoff=limits.receipts,
             dead_letter_cutoff=limits.dead_letters,
-            outbox_rows=tally.outbox_rows,
+            outbox_rows=tally.removed[PUBLISHED.table],
             archived_rows=tally.archived_rows,
             archive_files=tuple(tally.archive_files),
-            receipt_rows=tally.receipt_rows,
-            dead_letter_rows=tally.dead_letter_rows,
+            receipt_rows=tally.removed[RECEIPTS.table],
+            dead_letter_rows=tally.removed[RESOLVED_DEAD_LETTERS.table],
             batches=tally.batches,
             seconds=monotonic() - started,
             complete=complete,
@@ -564,10 +233,11 @@ def run_cleanup(
 
     if dry_run:
         with engine.connect() as conn:
-            tally.outbox_rows = count_published(conn, cutoff=limits.outbox)
-            tally.archived_rows = tally.outbox_rows if mode == "archive" else 0
-            tally.receipt_rows = count_receipts(conn, cutoff=limits.receipts)
-            tally.dead_letter_rows = count_dead_letters(conn, cutoff=limits.dead_letters)
+            for step in steps:
+                counted = count_aged(conn, step.rows, cutoff=step.cutoff)
+                tally.removed[step.rows.table] = counted
+                if step.archive_to is not None:
+                    tally.archived_rows = counted
             conn.rollback()
         result = report(complete=True)
         _log_done(result)
@@ -577,7 +247,6 @@ def run_cleanup(
         locked = try_lock_cleanup(conn)
         conn.commit()
         if not locked:
-            result = report(complete=False, skipped=True)
             event(
                 log,
                 logging.INFO,
@@ -585,23 +254,19 @@ def run_cleanup(
                 "another cleanup run holds the lock; skipped",
                 mode=mode,
             )
-            return result
+            return report(complete=False, skipped=True)
         try:
             run = _Run(
                 conn,
                 tally=tally,
                 batch_size=batch_size,
                 pause_seconds=pause_seconds,
+                archive_max_bytes=archive_max_bytes,
                 sleep=sleep,
                 monotonic=monotonic,
-                deadline=deadline,
+                deadline=None if max_seconds is None else started + max_seconds,
             )
-            if directory is not None:
-                done = run.archive(directory, limits.outbox, archive_max_bytes)
-            else:
-                done = run.published(limits.outbox)
-            done = done and run.receipts(limits.receipts)
-            done = done and run.dead_letters(limits.dead_letters)
+            done = all(run.step(step) for step in steps)  # stops at the first step out of time
         finally:
             _unlock_quietly(conn)
     result = report(complete=done)
@@ -609,8 +274,14 @@ def run_cleanup(
     return result
 
 
+class _Batch(NamedTuple):
+    removed: int  # rows deleted
+    more: bool  # the batch was full: more rows may follow
+    after: Position | None  # where the next batch starts
+
+
 class _Run:
-    """The batch loops of one run, on the connection that holds the cleanup lock."""
+    """The batch loop of one run, on the connection that holds the cleanup lock."""
 
     def __init__(
         self,
@@ -619,6 +290,7 @@ class _Run:
         tally: _Tally,
         batch_size: int,
         pause_seconds: float,
+        archive_max_bytes: int,
         sleep: Callable[[float], None],
         monotonic: Callable[[], float],
         deadline: float | None,
@@ -627,6 +299,7 @@ class _Run:
         self.tally = tally
         self.batch_size = batch_size
         self.pause_seconds = pause_seconds
+        self.archive_max_bytes = archive_max_bytes
         self.sleep = sleep
         self.monotonic = monotonic
         self.deadline = deadline
@@ -634,95 +307,71 @@ class _Run:
     def _out_of_time(self) -> bool:
         return self.deadline is not None and self.monotonic() >= self.deadline
 
-    def _loop(self, category: str, step: Callable[[], tuple[int, bool]]) -> bool:
-        """Run ``step`` (one batch: rows, and whether more may follow) until it says done.
-        Returns False when time ran out first."""
+    def step(self, step: Step) -> bool:
+        """Batches of one step until one comes back short. False when time ran out first."""
+        after: Position | None = None
         while True:
             if self._out_of_time():
                 return False
             began = self.monotonic()
-            rows, more = step()
+            if step.archive_to is None:
+                batch = self._delete(step, after)
+            else:
+                batch = self._archive(step, step.archive_to, after)
             self.tally.batches += 1
+            self.tally.removed[step.rows.table] += batch.removed
             event(
                 log,
                 logging.DEBUG,
                 "cleanup_batch",
                 "cleanup batch",
-                category=category,
-                rows=rows,
+                category=step.category,
+                rows=batch.removed,
                 seconds=round(self.monotonic() - began, 4),
             )
-            if not more:
+            if not batch.more:
                 return True
+            after = batch.after
             if self._out_of_time():
                 return False
             if self.pause_seconds:
                 self.sleep(self.pause_seconds)
 
-    def published(self, cutoff: datetime) -> bool:
-        after: datetime | None = None
+    def _delete(self, step: Step, after: Position | None) -> _Batch:
+        """One bounded delete (delete and retain modes, receipts, dead letters)."""
+        with self.conn.begin():
+            deleted = delete_aged(
+                self.conn,
+                step.rows,
+                cutoff=step.cutoff,
+                after=after.stamp if after else None,
+                limit=self.batch_size,
+            )
+        resume = Position(deleted.newest) if deleted.newest else after
+        return _Batch(deleted.rows, deleted.rows >= self.batch_size, resume)
 
-        def step() -> tuple[int, bool]:
-            nonlocal after
-            with self.conn.begin():
-                rows, newest = delete_published(
-                    self.conn, cutoff=cutoff, after=after, limit=self.batch_size
-                )
-            after = newest or after
-            self.tally.outbox_rows += rows
-            return rows, rows >= self.batch_size
-
-        return self._loop("outbox", step)
-
-    def archive(self, directory: Path, cutoff: datetime, max_bytes: int) -> bool:
-        after: tuple[datetime, uuid.UUID] | None = None
-
-        def step() -> tuple[int, bool]:
-            nonlocal after
-            with self.conn.begin():
-                rows, capped = select_archive_batch(
-                    self.conn,
-                    cutoff=cutoff,
-                    after=after,
-                    limit=self.batch_size,
-                    max_bytes=max_bytes,
-                )
-            if not rows:
-                return 0, False
-            path = write_archive_file(directory, rows)  # durable before anything is deleted
-            self.tally.archived_rows += len(rows)
-            self.tally.archive_files.append(str(path))
-            with self.conn.begin():
-                deleted = delete_archived(self.conn, [r.id for r in rows])
-            self.tally.outbox_rows += deleted
-            after = (rows[-1].published_at, rows[-1].id)
-            return deleted, capped or len(rows) >= self.batch_size
-
-        return self._loop("archive", step)
-
-    def receipts(self, cutoff: datetime) -> bool:
-        after: datetime | None = None
-
-        def step() -> tuple[int, bool]:
-            nonlocal after
-            with self.conn.begin():
-                rows, newest = delete_receipts(
-                    self.conn, cutoff=cutoff, after=after, limit=self.batch_size
-                )
-            after = newest or after
-            self.tally.receipt_rows += rows
-            return rows, rows >= self.batch_size
-
-        return self._loop("receipts", step)
-
-    def dead_letters(self, cutoff: datetime) -> bool:
-        def step() -> tuple[int, bool]:
-            with self.conn.begin():
-                rows = delete_dead_letters(self.conn, cutoff=cutoff, limit=self.batch_size)
-            self.tally.dead_letter_rows += rows
-            return rows, rows >= self.batch_size
-
-        return self._loop("dead_letters", step)
+    def _archive(self, step: Step, directory: Path, after: Position | None) -> _Batch:
+        """Read a batch of published rows, write them to a file, then delete exactly those."""
+        with (
+            self.conn.begin(),
+            contextlib.closing(
+                select_published(self.conn, cutoff=step.cutoff, after=after, limit=self.batch_size)
+            ) as records,
+        ):
+            rows, capped = archive_batch(
+                records, limit=self.batch_size, max_bytes=self.archive_max_bytes
+            )
+        if not rows:
+            return _Batch(0, False, after)
+        path = write_archive_file(directory, rows)  # durable before anything is deleted
+        self.tally.archived_rows += len(rows)
+        self.tally.archive_files.append(str(path))
+        with self.conn.begin():
+            deleted = delete_archived(self.conn, [r.id for r in rows])
+        last = rows[-1]
+        return _Batch(
+            deleted, capped or len(rows) >= self.batch_size, Position(last.published_at, last.id)
+        )
 
 
 def _unlock_quietly(conn: Connection) -> None:

@@ -21,10 +21,11 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
-from outbox_tasks import cleanup
+from outbox_tasks import archive, cleanup
 from outbox_tasks.cleanup import CleanupReport, run_cleanup, table_health
 from outbox_tasks.errors import ConfigurationError
 from outbox_tasks.settings import Settings
+from outbox_tasks.store import cleanup as store_cleanup
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -87,7 +88,7 @@ def outbox_ids(engine: Engine) -> set[uuid.UUID]:
 def archived(directory: Path) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for path in sorted(directory.glob("*.jsonl.gz")):
-        rows.extend(cleanup.read_archive_file(path))
+        rows.extend(archive.read_archive_file(path))
     return rows
 
 
@@ -194,7 +195,7 @@ def test_archive_file_names_sort_by_the_time_of_their_rows(
     assert all(
         re.fullmatch(r"outbox-\d{8}T\d{12}Z-\d{19}-[0-9a-f]{8}\.jsonl\.gz", f.name) for f in files
     )
-    stamps = [[r["published_at"] for r in cleanup.read_archive_file(f)] for f in files]
+    stamps = [[r["published_at"] for r in archive.read_archive_file(f)] for f in files]
     flat = [datetime.fromisoformat(s) for batch in stamps for s in batch]
     assert flat == sorted(flat)
 
@@ -266,7 +267,7 @@ def test_a_crash_between_writing_a_file_and_deleting_leaves_the_rows_for_the_nex
             run(engine, archive_settings, now)
 
     (first,) = tmp_path.glob("*.jsonl.gz")
-    assert {uuid.UUID(r["id"]) for r in cleanup.read_archive_file(first)} == set(ids)
+    assert {uuid.UUID(r["id"]) for r in archive.read_archive_file(first)} == set(ids)
     assert outbox_ids(engine) == set(ids) | set(young)
 
     report = run(engine, archive_settings, now)
@@ -274,7 +275,7 @@ def test_a_crash_between_writing_a_file_and_deleting_leaves_the_rows_for_the_nex
     assert not report.skipped  # the crashed run released its lock
     (second,) = (Path(f) for f in report.archive_files)
     assert second != first
-    assert {uuid.UUID(r["id"]) for r in cleanup.read_archive_file(second)} == set(ids)
+    assert {uuid.UUID(r["id"]) for r in archive.read_archive_file(second)} == set(ids)
     assert outbox_ids(engine) == set(young)
     assert report.outbox_rows == 3
 
@@ -592,20 +593,22 @@ def test_the_delete_batches_walk_their_indexes_on_large_tables(
         conn.commit()
         cutoff = now - timedelta(hours=12)
         delete_scans = outbox_scans(
-            conn, cleanup._DELETE_PUBLISHED, {"cutoff": cutoff, "after": None, "limit": 5000}
+            conn,
+            store_cleanup.PUBLISHED.delete_sql,
+            {"cutoff": cutoff, "after": None, "limit": 5000},
         )
         later_scans = outbox_scans(
             conn,
-            cleanup._DELETE_PUBLISHED,
+            store_cleanup.PUBLISHED.delete_sql,
             {"cutoff": cutoff, "after": now - 2 * DAY, "limit": 5000},
         )
         archive_scans = outbox_scans(
             conn,
-            cleanup._SELECT_ARCHIVE,
+            store_cleanup._SELECT_ARCHIVE,
             {"cutoff": cutoff, "after_at": now - 2 * DAY, "after_id": uuid.uuid4(), "limit": 5000},
         )
         receipt_plan = conn.execute(
-            text("EXPLAIN (FORMAT JSON) " + str(cleanup._DELETE_RECEIPTS)),
+            text("EXPLAIN (FORMAT JSON) " + str(store_cleanup.RECEIPTS.delete_sql)),
             {"cutoff": now - 30 * DAY, "after": None, "limit": 5000},
         ).scalar_one()
         conn.rollback()
