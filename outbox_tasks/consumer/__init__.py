@@ -24,31 +24,39 @@ inside Celery workers (``outbox_tasks.consumer_celery``). This package does not 
 and imports kombu and redis only when it talks to a broker: handler modules can import
 :class:`Event` cheaply. docs/consumers.md is the user guide.
 
-Modules: ``events`` (the event), ``group`` (the group), ``processing`` (one message: receipts,
-positions, retries, dead letters), ``brokers`` (kombu/redis plumbing, topology),
-``sources`` (receiving), ``locks`` (partition ownership), ``runner`` (the process),
-``metrics``, ``admin`` (lag, parked aggregates, unpark), ``replay`` and ``cli``. Import from
-``outbox_tasks.consumer``: the names below are the API.
+Modules, lowest first; each imports only modules listed above it (no cycles)::
+
+    events      the event a handler sees, parsed from an envelope
+    group       the group: bindings, handler, partitions, retry policy, queue names
+    store       every SQL statement: receipts, positions and parking, advisory locks
+    metrics     Prometheus counters and gauges; :class:`Lag`
+    brokers     the group's broker topology: queues, declare/delete, dead-letter writer
+    processing  one message: receipts, order, retries, dead letters; the outcomes
+    sources     receiving from RabbitMQ or Redis
+    locks       partition ownership (advisory locks on a dedicated connection)
+    admin       lag, dead letters waiting, parked aggregates, unpark
+    replay      dead letters back to the group's queues
+    runner      the process: :class:`Consumer`
+    cli         ``outbox-tasks consume`` and the admin commands
+
+Import from ``outbox_tasks.consumer``: the names in ``__all__`` are the API (also the one
+``outbox_tasks.consumer_celery`` is built on).
 """
 
 from __future__ import annotations
 
-from outbox_tasks.consumer.admin import (
-    Lag,
-    ParkedAggregate,
-    dead_letter_count,
-    lag,
-    parked_aggregates,
-    unpark,
+from outbox_tasks.consumer.admin import dead_letter_count, lag, parked_aggregates, unpark
+from outbox_tasks.consumer.brokers import (
+    BrokerWriter,
+    declare_topology,
+    delete_topology,
+    kombu_queues,
 )
-from outbox_tasks.consumer.brokers import BrokerWriter as BrokerWriter
-from outbox_tasks.consumer.brokers import declare_topology, delete_topology
-from outbox_tasks.consumer.brokers import kombu_queues as kombu_queues
 from outbox_tasks.consumer.cli import add_consume_parser, main, run_consume
 from outbox_tasks.consumer.events import Event, EventHandler, parse_event
 from outbox_tasks.consumer.group import QUEUE_PREFIX, ConsumerGroup, load_handler
 from outbox_tasks.consumer.locks import INSTANCE_BASE, INSTANCE_SPAN, MEMBER_BASE, group_lock_key
-from outbox_tasks.consumer.metrics import ConsumerMetrics, default_metrics
+from outbox_tasks.consumer.metrics import ConsumerMetrics, Lag, default_metrics
 from outbox_tasks.consumer.processing import (
     DEAD_LETTER_HEADERS,
     DEAD_LETTERED,
@@ -74,10 +82,9 @@ from outbox_tasks.consumer.processing import (
 from outbox_tasks.consumer.replay import replay_dead_letters
 from outbox_tasks.consumer.runner import Consumer
 from outbox_tasks.consumer.sources import OnDelivery
+from outbox_tasks.consumer.store import ParkedAggregate
 from outbox_tasks.errors import InvalidEvent, PartitionLost
 
-# The API. ``BrokerWriter`` and ``kombu_queues``, imported above, are not: they are shared with
-# outbox_tasks.consumer_celery.
 __all__ = [
     "DEAD_LETTERED",
     "DEAD_LETTER_HEADERS",
@@ -99,6 +106,7 @@ __all__ = [
     "QUEUE_PREFIX",
     "REQUEUED",
     "STALE",
+    "BrokerWriter",
     "Consumer",
     "ConsumerGroup",
     "ConsumerMetrics",
@@ -119,6 +127,7 @@ __all__ = [
     "default_metrics",
     "delete_topology",
     "group_lock_key",
+    "kombu_queues",
     "lag",
     "load_handler",
     "main",

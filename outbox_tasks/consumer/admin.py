@@ -5,13 +5,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import NamedTuple
 
-from sqlalchemy import text
 from sqlalchemy.engine import Engine
 
 from outbox_tasks.broker import (
@@ -22,9 +18,11 @@ from outbox_tasks.broker import (
     redis_client,
     released,
 )
+from outbox_tasks.consumer import store
 from outbox_tasks.consumer.brokers import resolve
-from outbox_tasks.consumer.events import _aware_time
-from outbox_tasks.consumer.group import ConsumerGroup, _admin_group
+from outbox_tasks.consumer.events import aware_time
+from outbox_tasks.consumer.group import ConsumerGroup, admin_group
+from outbox_tasks.consumer.metrics import Lag
 from outbox_tasks.logs import event as log_event
 from outbox_tasks.logs import get_logger
 from outbox_tasks.settings import Settings
@@ -32,18 +30,10 @@ from outbox_tasks.settings import Settings
 log = get_logger("consumer")
 
 
-class Lag(NamedTuple):
-    """Ready messages in the group's queues, and the age of the oldest one (None: empty or not
-    measurable)."""
-
-    messages: int
-    oldest_age_seconds: float | None
-
-
 def _age_of(body: bytes, now: datetime) -> float | None:
     try:
         data = json.loads(body)
-        occurred = _aware_time(data["occurred_at"])
+        occurred = aware_time(data["occurred_at"])
     except (ValueError, TypeError, KeyError):
         return None
     return max(0.0, (now - occurred).total_seconds())
@@ -65,7 +55,7 @@ def lag(
     where it cannot disturb order: unordered queues, or a partition queue nobody consumes.
     Otherwise the age is None. ``peek=False`` never peeks.
     """
-    target = _admin_group(group, partitions)
+    target = admin_group(group, partitions)
     _, url = resolve(settings, url)
     now = datetime.now(UTC)
     with broker_call(url, "measuring lag"):
@@ -124,7 +114,7 @@ def dead_letter_count(
     group: ConsumerGroup | str, *, settings: Settings | None = None, url: str | None = None
 ) -> int:
     """Messages waiting in the group's dead-letter queue."""
-    target = _admin_group(group, None)
+    target = admin_group(group, None)
     _, url = resolve(settings, url)
     with broker_call(url, "counting dead letters"):
         return _dead_letter_count(target, url)
@@ -144,31 +134,6 @@ def _dead_letter_count(target: ConsumerGroup, url: str) -> int:
             return int(count)
     with redis_client(url) as client:
         return int(client.llen(target.dead_letter_queue))
-
-
-_SELECT_PARKED = text(
-    "SELECT aggregate_type, aggregate_id, parked_at, parked_event_id, parked_error, "
-    "last_sequence, dead_sequence FROM outbox_consumer_position "
-    "WHERE consumer_group = :group AND parked_at IS NOT NULL ORDER BY parked_at"
-)
-_UNPARK = text(
-    "UPDATE outbox_consumer_position SET parked_at = NULL, parked_event_id = NULL, "
-    "parked_error = NULL, updated_at = now(), "
-    "last_sequence = greatest(last_sequence, coalesce(dead_sequence, 0)) "
-    "WHERE consumer_group = :group AND aggregate_type = :type "
-    "AND aggregate_id = :id AND parked_at IS NOT NULL RETURNING last_sequence"
-)
-
-
-@dataclass(frozen=True, slots=True)
-class ParkedAggregate:
-    aggregate_type: str
-    aggregate_id: str
-    parked_at: datetime
-    event_id: uuid.UUID | None
-    error: str | None
-    last_sequence: int
-    dead_sequence: int | None
 
 
 @contextlib.contextmanager
@@ -196,13 +161,12 @@ def parked_aggregates(
     *,
     engine: Engine | None = None,
     settings: Settings | None = None,
-) -> list[ParkedAggregate]:
+) -> list[store.ParkedAggregate]:
     """The aggregates an ordered group has parked, oldest first."""
     from outbox_tasks.db import translate_errors
 
     with _engine_for(engine, settings) as eng, translate_errors("parked"), eng.connect() as conn:
-        rows = conn.execute(_SELECT_PARKED, {"group": _group_name(group)}).all()
-    return [ParkedAggregate(*row) for row in rows]
+        return store.select_parked(conn, _group_name(group))
 
 
 def unpark(
@@ -223,11 +187,10 @@ def unpark(
     from outbox_tasks.db import translate_errors
 
     with _engine_for(engine, settings) as eng, translate_errors("unpark"), eng.begin() as conn:
-        row = conn.execute(
-            _UNPARK,
-            {"group": _group_name(group), "type": aggregate_type, "id": str(aggregate_id)},
-        ).first()
-    if row is not None:
+        resumes_after = store.unpark_aggregate(
+            conn, _group_name(group), aggregate_type, str(aggregate_id)
+        )
+    if resumes_after is not None:
         log_event(
             log,
             logging.INFO,
@@ -236,6 +199,6 @@ def unpark(
             group=_group_name(group),
             aggregate_type=aggregate_type,
             aggregate_id=str(aggregate_id),
-            resumes_after_sequence=int(row[0]),
+            resumes_after_sequence=resumes_after,
         )
-    return row is not None
+    return resumes_after is not None

@@ -19,7 +19,7 @@ from outbox_tasks.broker import (
     redis_client,
     released,
 )
-from outbox_tasks.consumer.group import ConsumerGroup, _admin_group
+from outbox_tasks.consumer.group import ConsumerGroup, admin_group
 from outbox_tasks.envelope import CONTENT_ENCODING, CONTENT_TYPE
 from outbox_tasks.errors import ConfigurationError
 from outbox_tasks.settings import Settings
@@ -164,7 +164,7 @@ def declare_topology(
     """Create the group's queues and bindings (idempotent). Do it before the first events you
     want the group to see are published: a queue receives only what arrives after it is bound.
     """
-    target = _admin_group(group, partitions)
+    target = admin_group(group, partitions)
     settings, url = resolve(settings, url)
     exchange = exchange_name(settings, exchange)
     with released(url) as conn, broker_call(url, "declaring the group's queues"):
@@ -181,7 +181,7 @@ def delete_topology(
 ) -> None:
     """Delete the group's queues (with their bindings), in-flight lists and dead-letter queue.
     Their messages are lost: for tests and for retiring a group."""
-    target = _admin_group(group, partitions)
+    target = admin_group(group, partitions)
     settings, url = resolve(settings, url)
     exchange = exchange_name(settings, exchange)
     amqp = is_amqp(url)

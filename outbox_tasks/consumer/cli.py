@@ -14,7 +14,7 @@ from dataclasses import asdict
 from typing import Any
 
 from outbox_tasks.consumer.admin import dead_letter_count, lag, parked_aggregates, unpark
-from outbox_tasks.consumer.group import ConsumerGroup, _admin_group, load_handler
+from outbox_tasks.consumer.group import ConsumerGroup, admin_group, load_handler
 from outbox_tasks.consumer.replay import replay_dead_letters
 from outbox_tasks.consumer.runner import Consumer
 from outbox_tasks.errors import ConfigurationError, OutboxError
@@ -167,7 +167,7 @@ def run_consume(args: argparse.Namespace) -> int:
 
 def _cmd_lag(args: argparse.Namespace) -> int:
     settings = _cli_settings(args)
-    group = _admin_group(args.group, args.partitions)
+    group = admin_group(args.group, args.partitions)
     value = lag(group, settings=settings)
     dead = dead_letter_count(group, settings=settings)
     if args.json:

@@ -52,7 +52,8 @@ EventHandler = Callable[[Event, Session], None]
 commits, together with the receipt). Raise to fail the attempt."""
 
 
-def _truthy(value: object) -> bool:
+def truthy(value: object) -> bool:
+    """A header flag: ``"1"``, ``"true"``, ``"yes"`` (any case) or a truthy non-string."""
     if isinstance(value, str):
         return value.strip().lower() in ("1", "true", "yes")
     return bool(value)
@@ -71,7 +72,7 @@ def _text_field(data: Mapping[str, Any], name: str) -> str:
     return value
 
 
-def _aware_time(value: object) -> datetime:
+def aware_time(value: object) -> datetime:
     """An ISO 8601 time, in UTC when it names no zone; ValueError when it is not one."""
     moment = datetime.fromisoformat(str(value))
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
@@ -115,7 +116,7 @@ def parse_event(
         raise InvalidEvent(f"envelope id {data['id']!r} is not a UUID") from None
     occurred = data["occurred_at"]
     try:
-        occurred_at = _aware_time(occurred)
+        occurred_at = aware_time(occurred)
     except ValueError:
         raise InvalidEvent(f"envelope occurred_at {occurred!r} is not an ISO 8601 time") from None
     header_map = dict(headers or {})
@@ -129,6 +130,6 @@ def parse_event(
         sequence=_whole(data["sequence"], "sequence"),
         payload=data["payload"],
         headers=header_map,
-        redelivered=redelivered or _truthy(header_map.get(H_REDELIVERED)),
+        redelivered=redelivered or truthy(header_map.get(H_REDELIVERED)),
         attempt=attempt,
     )

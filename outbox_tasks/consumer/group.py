@@ -168,7 +168,7 @@ def _no_handler(event: Event, session: Session) -> None:
     raise ConfigurationError("this consumer group was built for administration, not handling")
 
 
-def _admin_group(group: ConsumerGroup | str, partitions: int | None) -> ConsumerGroup:
+def admin_group(group: ConsumerGroup | str, partitions: int | None) -> ConsumerGroup:
     """A group for queue names and administration; a name alone means unordered unless
     ``partitions`` says otherwise."""
     if isinstance(group, ConsumerGroup):

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import zlib
+from collections.abc import Iterator
 from typing import Any, Final
 
-from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from outbox_tasks.consumer import store
 from outbox_tasks.consumer.group import ConsumerGroup
 from outbox_tasks.consumer.processing import Fence
 from outbox_tasks.errors import ConfigurationError, DatabaseUnavailable, describe_error
@@ -27,16 +28,11 @@ def group_lock_key(group: str) -> int:
     return zlib.crc32(f"outbox.consumer:{group}".encode()) & 0x7FFFFFFF
 
 
-_FENCE = text(
-    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = :pid "
-    "AND classid::bigint = :key AND objid::bigint = :n AND objsubid = 2 "
-    "AND mode = 'ExclusiveLock' AND granted)"
-)
-
-
-class _Locks:
+class Locks:
     """Session-level advisory locks held on one autocommit connection: they live exactly as long
-    as this process's connection, so a killed process frees its partitions at once."""
+    as this process's connection, so a killed process frees its partitions at once.
+
+    Every call raises DatabaseUnavailable when the connection fails."""
 
     def __init__(self, settings: Settings, group: ConsumerGroup) -> None:
         self.settings = settings
@@ -51,8 +47,8 @@ class _Locks:
         from outbox_tasks.db import connect_args
 
         args = connect_args(self.settings, "outbox_tasks.consumer.locks")
-        try:
-            conn = psycopg.connect(
+        with _translated():
+            self._conn = psycopg.connect(
                 self.settings.libpq_url,
                 autocommit=True,
                 keepalives=1,
@@ -61,63 +57,40 @@ class _Locks:
                 keepalives_count=3,
                 **args,
             )
-        except psycopg.Error as error:
-            raise DatabaseUnavailable(f"consumer locks: {describe_error(error)}") from error
-        self._conn = conn
-        self.pid = int(self._one("SELECT pg_backend_pid()"))
-
-    def _one(self, sql: str, *params: int) -> Any:
-        import psycopg
-
-        try:
-            row = self._conn.execute(sql, params).fetchone()
-        except psycopg.Error as error:
-            raise DatabaseUnavailable(f"consumer locks: {describe_error(error)}") from error
-        return None if row is None else row[0]
+            self.pid = store.backend_pid(self._conn)
 
     def join(self, partitions: int) -> None:
         """Announce this process as a member running with ``partitions`` (0: unordered), after
         checking that no member runs the group with another partition count."""
-        others = self._one(
-            "SELECT array_agg(DISTINCT objid::bigint - %s) FROM pg_locks "
-            "WHERE locktype = 'advisory' AND classid::bigint = %s AND objsubid = 2 "
-            "AND objid::bigint BETWEEN %s AND %s",
-            MEMBER_BASE,
-            self.key,
-            MEMBER_BASE,
-            MEMBER_BASE + SLOT_COUNT,
-        )
-        conflicting = sorted(set(others or ()) - {partitions})
+        with _translated():
+            others = store.locked_offsets(
+                self._conn, self.key, MEMBER_BASE, MEMBER_BASE + SLOT_COUNT
+            )
+        conflicting = sorted(set(others) - {partitions})
         if conflicting:
             raise ConfigurationError(
                 f"consumer group {self.group.name} already runs with partitions="
                 f"{conflicting[0]} (this process: {partitions}); stop every process of the group "
                 "before changing its partition count"
             )
-        self._one(
-            "SELECT pg_advisory_lock_shared(%s::int4, %s::int4)", self.key, MEMBER_BASE + partitions
-        )
+        with _translated():
+            store.lock_shared(self._conn, self.key, MEMBER_BASE + partitions)
 
     def members(self, partitions: int) -> int:
-        return int(
-            self._one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
-                "AND classid::bigint = %s AND objid::bigint = %s AND objsubid = 2",
-                self.key,
-                MEMBER_BASE + partitions,
-            )
-        )
+        with _translated():
+            return store.count_holders(self._conn, self.key, MEMBER_BASE + partitions)
 
     def try_lock(self, n: int) -> bool:
-        return bool(self._one("SELECT pg_try_advisory_lock(%s::int4, %s::int4)", self.key, n))
+        with _translated():
+            return store.try_lock(self._conn, self.key, n)
 
     def unlock(self, n: int) -> None:
-        self._one("SELECT pg_advisory_unlock(%s::int4, %s::int4)", self.key, n)
+        with _translated():
+            store.unlock(self._conn, self.key, n)
 
     def fence(self, n: int) -> Fence:
         def holds(session: Session) -> bool:
-            params = {"pid": self.pid, "key": self.key, "n": n}
-            return bool(session.execute(_FENCE, params).scalar())
+            return store.holds_lock(session, pid=self.pid, key=self.key, n=n)
 
         return holds
 
@@ -126,3 +99,14 @@ class _Locks:
         if conn is not None:
             with contextlib.suppress(Exception):
                 conn.close()
+
+
+@contextlib.contextmanager
+def _translated() -> Iterator[None]:
+    """psycopg errors -> DatabaseUnavailable (the driver is imported only when locks are used)."""
+    import psycopg
+
+    try:
+        yield
+    except psycopg.Error as error:
+        raise DatabaseUnavailable(f"consumer locks: {describe_error(error)}") from error

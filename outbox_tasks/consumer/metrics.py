@@ -1,4 +1,5 @@
-"""Prometheus counters and gauges of consumer groups (prometheus_client imported on first use)."""
+"""Prometheus counters and gauges of consumer groups (prometheus_client imported on first use),
+and :class:`Lag`, the measurement the lag gauges show."""
 
 from __future__ import annotations
 
@@ -6,15 +7,20 @@ import contextlib
 import logging
 import math
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any, NamedTuple
 
 from outbox_tasks.logs import event as log_event
 from outbox_tasks.logs import get_logger
 
-if TYPE_CHECKING:
-    from outbox_tasks.consumer.admin import Lag
-
 log = get_logger("consumer")
+
+
+class Lag(NamedTuple):
+    """Ready messages in the group's queues, and the age of the oldest one (None: empty or not
+    measurable)."""
+
+    messages: int
+    oldest_age_seconds: float | None
 
 
 class ConsumerMetrics:

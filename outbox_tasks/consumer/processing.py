@@ -7,20 +7,19 @@ import contextlib
 import logging
 import random
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Any, Final, Protocol
 
-from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from outbox_tasks.consumer.events import Event, _truthy, parse_event
+from outbox_tasks.consumer import store
+from outbox_tasks.consumer.events import Event, parse_event, truthy
 from outbox_tasks.consumer.group import ConsumerGroup
 from outbox_tasks.consumer.metrics import ConsumerMetrics
-from outbox_tasks.errors import InvalidEvent, PartitionLost, describe_error
+from outbox_tasks.errors import ERROR_TEXT_MAX, InvalidEvent, PartitionLost, describe_error
 from outbox_tasks.logs import event as log_event
 from outbox_tasks.logs import get_logger
 from outbox_tasks.retry import backoff_delay
@@ -58,8 +57,6 @@ OUTCOMES: Final = (
     REQUEUED,
 )
 
-_ERROR_TEXT_MAX: Final = 2000
-
 
 @dataclass(slots=True)
 class Delivery:
@@ -80,83 +77,6 @@ class DeadLetterSink(Protocol):
 
 Fence = Callable[[Session], bool]
 """Inside the handling transaction: does this process still hold the partition?"""
-
-_INSERT_RECEIPT = text(
-    "INSERT INTO outbox_consumer_receipt (consumer_group, event_id) VALUES (:group, :event_id) "
-    "ON CONFLICT DO NOTHING RETURNING 1"
-)
-_SELECT_POSITION = text(
-    "SELECT last_sequence, parked_at IS NOT NULL AS parked, parked_event_id, dead_sequence "
-    "FROM outbox_consumer_position "
-    "WHERE consumer_group = :group AND aggregate_type = :type AND aggregate_id = :id "
-    "FOR UPDATE"
-)
-_CREATE_POSITION = text(
-    "INSERT INTO outbox_consumer_position (consumer_group, aggregate_type, aggregate_id, "
-    "last_sequence) VALUES (:group, :type, :id, 0) ON CONFLICT DO NOTHING"
-)
-_ADVANCE_POSITION = text(
-    "UPDATE outbox_consumer_position SET last_sequence = :sequence, updated_at = now(), "
-    "parked_event_id = CASE WHEN :resolve THEN NULL ELSE parked_event_id END, "
-    "parked_error = CASE WHEN :resolve THEN NULL ELSE parked_error END, "
-    "parked_at = CASE WHEN :unpark THEN NULL ELSE parked_at END "
-    "WHERE consumer_group = :group AND aggregate_type = :type AND aggregate_id = :id"
-)
-_PARK = text(
-    "INSERT INTO outbox_consumer_position AS p (consumer_group, aggregate_type, aggregate_id, "
-    "last_sequence, parked_at, parked_event_id, parked_error, dead_sequence) "
-    "VALUES (:group, :type, :id, 0, now(), :event_id, :error, :sequence) "
-    "ON CONFLICT (consumer_group, aggregate_type, aggregate_id) DO UPDATE SET "
-    "parked_at = coalesce(p.parked_at, now()), "
-    "parked_event_id = CASE WHEN :cause THEN :event_id ELSE p.parked_event_id END, "
-    "parked_error = CASE WHEN :cause THEN :error ELSE p.parked_error END, "
-    "dead_sequence = greatest(coalesce(p.dead_sequence, 0), :sequence), updated_at = now()"
-)
-
-
-class _Position(NamedTuple):
-    last_sequence: int
-    parked: bool
-    parked_event_id: uuid.UUID | None
-    dead_sequence: int | None
-
-
-def _position_key(group: str, event: Event) -> dict[str, Any]:
-    return {"group": group, "type": event.aggregate_type, "id": event.aggregate_id}
-
-
-def _insert_receipt(session: Session, group: str, event_id: uuid.UUID) -> bool:
-    """Insert the group's receipt for the event; False when it was there (a duplicate)."""
-    inserted = session.execute(_INSERT_RECEIPT, {"group": group, "event_id": event_id}).first()
-    return inserted is not None
-
-
-def _lock_position(session: Session, group: str, event: Event) -> _Position:
-    """The aggregate's position, its row locked until commit (created at sequence 0 if new)."""
-    key = _position_key(group, event)
-    row = session.execute(_SELECT_POSITION, key).first()
-    if row is None:
-        session.execute(_CREATE_POSITION, key)
-        row = session.execute(_SELECT_POSITION, key).one()
-    return _Position(int(row[0]), bool(row[1]), row[2], None if row[3] is None else int(row[3]))
-
-
-def _advance_position(
-    session: Session, group: str, event: Event, *, resolve: bool, unpark: bool
-) -> None:
-    """Move the high-water mark to the event; ``resolve`` clears the parking cause, ``unpark``
-    resumes the aggregate."""
-    params = {**_position_key(group, event), "sequence": event.sequence}
-    session.execute(_ADVANCE_POSITION, {**params, "resolve": resolve, "unpark": unpark})
-
-
-def _park_aggregate(
-    session: Session, group: str, event: Event, *, cause: bool, error: str | None
-) -> None:
-    """Park the aggregate (or keep it parked) up to the event's sequence; ``cause``: this
-    event's failure is why (its id and error are recorded)."""
-    params = {**_position_key(group, event), "event_id": event.id, "sequence": event.sequence}
-    session.execute(_PARK, {**params, "error": error, "cause": cause})
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,13 +125,13 @@ class GroupProcessor:
         except InvalidEvent as error:
             self._send_dead_letter(delivery, None, INVALID, str(error), 0)
             delivery.ack()
-            return self._done(INVALID, None, error=str(error))
+            return self.record_outcome(INVALID, None, error=str(error))
         if partition is not None and self.group.ordered:
             mine = self.group.partition_of(event.aggregate_type, event.aggregate_id)
             if mine != partition:
                 delivery.ack()
-                return self._done(OTHER_PARTITION, event)
-        replayed = _truthy(delivery.headers.get(H_CONSUMER_REPLAYED))
+                return self.record_outcome(OTHER_PARTITION, event)
+        replayed = truthy(delivery.headers.get(H_CONSUMER_REPLAYED))
         failures = 0
         outages = 0
         while True:
@@ -235,7 +155,7 @@ class GroupProcessor:
                     )
                     if not self._sleep(delay):
                         delivery.requeue()
-                        return self._done(REQUEUED, event)
+                        return self.record_outcome(REQUEUED, event)
                     continue
                 failures += 1
                 text_error = describe_error(error)
@@ -257,15 +177,15 @@ class GroupProcessor:
                 )
                 if not self._sleep(delay):
                     delivery.requeue()
-                    return self._done(REQUEUED, event)
+                    return self.record_outcome(REQUEUED, event)
                 continue
             if verdict.outcome == PARKED:
                 self._send_dead_letter(delivery, event, PARKED, "aggregate is parked", 0)
                 self._park(event, cause=False, error=None, fence=fence)
                 delivery.ack()
-                return self._done(PARKED, event)
+                return self.record_outcome(PARKED, event)
             delivery.ack()
-            return self._done(verdict.outcome, event)
+            return self.record_outcome(verdict.outcome, event)
 
     # -- one attempt: one transaction ---------------------------------------------------------
 
@@ -273,11 +193,11 @@ class GroupProcessor:
         group = self.group
         resumes = False
         with Session(self.engine) as session, session.begin():
-            if not _insert_receipt(session, group.name, event.id):
+            if not store.insert_receipt(session, group.name, event.id):
                 return _Verdict(DUPLICATE)
-            position: _Position | None = None
+            position: store.Position | None = None
             if group.ordered:
-                position = _lock_position(session, group.name, event)
+                position = store.lock_position(session, group.name, event)
                 if fence is not None and not fence(session):
                     raise PartitionLost(f"group {group.name}: partition lost")
                 if event.sequence <= position.last_sequence:
@@ -294,7 +214,7 @@ class GroupProcessor:
                 resumes = position.parked and (
                     position.dead_sequence is None or event.sequence >= position.dead_sequence
                 )
-                _advance_position(
+                store.advance_position(
                     session, group.name, event, resolve=position.parked, unpark=resumes
                 )
         if resumes:  # logged once committed
@@ -318,13 +238,13 @@ class GroupProcessor:
         if self.group.ordered:
             self._park(event, cause=True, error=error, fence=fence)
         delivery.ack()
-        return self._done(DEAD_LETTERED, event, error=error, attempts=attempts)
+        return self.record_outcome(DEAD_LETTERED, event, error=error, attempts=attempts)
 
     def _park(self, event: Event, *, cause: bool, error: str | None, fence: Fence | None) -> None:
         with Session(self.engine) as session, session.begin():
             if fence is not None and not fence(session):
                 raise PartitionLost(f"group {self.group.name}: partition lost")
-            _park_aggregate(session, self.group.name, event, cause=cause, error=error)
+            store.park_aggregate(session, self.group.name, event, cause=cause, error=error)
 
     def _send_dead_letter(
         self, delivery: Delivery, event: Event | None, reason: str, error: str, attempts: int
@@ -334,7 +254,7 @@ class GroupProcessor:
             {
                 H_CONSUMER_GROUP: self.group.name,
                 H_CONSUMER_REASON: reason,
-                H_CONSUMER_ERROR: error[:_ERROR_TEXT_MAX],
+                H_CONSUMER_ERROR: error[:ERROR_TEXT_MAX],
                 H_CONSUMER_ATTEMPTS: attempts,
                 H_CONSUMER_DEAD_AT: datetime.now(UTC).isoformat(),
             }
@@ -345,7 +265,7 @@ class GroupProcessor:
     def _database_reachable(self) -> bool:
         try:
             with self.engine.connect() as conn:
-                conn.execute(text("SELECT 1"))
+                store.ping(conn)
         except Exception:
             return False
         return True
@@ -358,9 +278,11 @@ class GroupProcessor:
             jitter=self._jitter(),
         )
 
-    def _done(
+    def record_outcome(
         self, outcome: str, event: Event | None, *, error: str | None = None, attempts: int = 0
     ) -> str:
+        """Count, report (``on_outcome``) and log one message's outcome; returns ``outcome``.
+        For callers that settle a delivery themselves too (a requeue after PartitionLost)."""
         if self.metrics is not None:
             self.metrics.count(self.group.name, outcome)
         if self._on_outcome is not None:

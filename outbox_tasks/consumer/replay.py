@@ -17,7 +17,7 @@ from outbox_tasks.broker import (
 )
 from outbox_tasks.consumer.brokers import BrokerWriter, exchange_name, kombu_queues, resolve
 from outbox_tasks.consumer.events import Event, parse_event
-from outbox_tasks.consumer.group import ConsumerGroup, _admin_group
+from outbox_tasks.consumer.group import ConsumerGroup, admin_group
 from outbox_tasks.consumer.processing import DEAD_LETTER_HEADERS, H_CONSUMER_REPLAYED
 from outbox_tasks.errors import InvalidEvent
 from outbox_tasks.logs import event as log_event
@@ -52,7 +52,7 @@ def replay_dead_letters(
     again goes back to the dead-letter queue. Messages that are not outbox envelopes stay in
     the dead-letter queue. Returns how many were replayed. Run one replay at a time per group.
     """
-    target = _admin_group(group, partitions)
+    target = admin_group(group, partitions)
     settings, url = resolve(settings, url)
     amqp = is_amqp(url)
     queues = {q.name: q for q in kombu_queues(target, exchange_name(settings), amqp)}

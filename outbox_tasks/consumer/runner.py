@@ -18,7 +18,7 @@ from outbox_tasks.broker import broker_errors, is_amqp, safe_url
 from outbox_tasks.consumer.admin import lag
 from outbox_tasks.consumer.brokers import BrokerWriter, kombu_queues
 from outbox_tasks.consumer.group import ConsumerGroup
-from outbox_tasks.consumer.locks import INSTANCE_BASE, INSTANCE_SPAN, _Locks
+from outbox_tasks.consumer.locks import INSTANCE_BASE, INSTANCE_SPAN, Locks
 from outbox_tasks.consumer.metrics import ConsumerMetrics, default_metrics
 from outbox_tasks.consumer.processing import (
     REQUEUED,
@@ -80,7 +80,7 @@ class Consumer:
         self._engine = engine
         self._stop = threading.Event()
         self._source: AmqpSource | RedisSource | None = None
-        self._locks: _Locks | None = None
+        self._locks: Locks | None = None
         self._held: set[int] = set()
         self._processor: GroupProcessor | None = None
 
@@ -179,7 +179,7 @@ class Consumer:
         source.connect()
         source.declare(kombu_queues(group, self.settings.exchange, self.amqp))
         if group.ordered or not self.amqp:
-            locks = _Locks(self.settings, group)
+            locks = Locks(self.settings, group)
             self._locks = locks
             locks.connect()
             locks.join(group.partitions)
@@ -231,7 +231,7 @@ class Consumer:
         except PartitionLost:
             with contextlib.suppress(Exception):
                 delivery.requeue()
-            processor._done(REQUEUED, None)
+            processor.record_outcome(REQUEUED, None)
             assert partition is not None
             log_event(
                 log,
