@@ -74,6 +74,7 @@ class Side:
         from outbox_tasks.db import make_engine
         from outbox_tasks.publisher import BrokerPublisher
         from outbox_tasks.relay import Relay
+        from outbox_tasks.store.relay import PostgresRelayStore
 
         self.name = name
         self.url = url
@@ -89,7 +90,9 @@ class Side:
         )
         self.engine = make_engine(self.settings, pool_size=2)
         self.publisher = BrokerPublisher(self.settings.effective_publish_url, exchange)
-        self.relay = Relay(self.settings, self.engine, self.publisher, owner=f"growth-{name}")
+        self.relay = Relay(
+            self.settings, PostgresRelayStore(self.engine), self.publisher, owner=f"growth-{name}"
+        )
         self.partitions = itertools.cycle(range(self.settings.partitions))
         self.loaded = 0
         self.top_up()

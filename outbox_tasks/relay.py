@@ -11,26 +11,30 @@ One publish cycle (DESIGN 4.1, with the shape changes explained in docs/relay.md
    b. publish through the broker publisher (one pipeline / one confirm wave per aggregate rank);
    c. mark published and record failures in one fenced statement.
 3. Release the lease; report whether the partition still has work (the caller chains a claim).
+
+The relay holds no SQL and reads no clock of its own: it is given a ``RelayStore`` (PostgreSQL in
+production, ``outbox_tasks.testing.InMemoryRelayStore`` in unit tests), a ``Publisher``, and the
+``clock`` and ``jitter`` it uses.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable, Collection, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from sqlalchemy.engine import Connection, Engine
-
-from outbox_tasks.db import translate_errors
+from outbox_tasks.circuit import Circuit
 from outbox_tasks.envelope import OutboundMessage, message_for_row
 from outbox_tasks.errors import BrokerUnavailable
 from outbox_tasks.logs import event, get_logger
 from outbox_tasks.partitioning import slot_range
 from outbox_tasks.retry import GiveUp, decide, system_jitter
 from outbox_tasks.settings import Settings
-from outbox_tasks.store import relay as store
+from outbox_tasks.store.relay import Failure, FinishResult, Lease, Row
 
 log = get_logger("relay")
 
@@ -54,13 +58,66 @@ class Publisher(Protocol):
     def publish_batch(self, messages: Sequence[OutboundMessage]) -> BatchOutcome: ...
 
 
+class RelayTransaction(Protocol):
+    """One store transaction: the relay's statements (see ``store.relay`` for each one's
+    meaning). Every write a lease holder makes is fenced: it changes nothing, and says so, when
+    the lease's epoch is stale or the lease has expired."""
+
+    def has_due_rows(self, slot_lo: int, slot_hi: int) -> bool: ...
+    def lock_lease_table(self) -> None: ...
+    def ensure_partition_row(
+        self, partition_count: int, partition: int, slot_lo: int, slot_hi: int
+    ) -> None: ...
+    def lock_overlapping_leases(self, partition_count: int, slot_lo: int, slot_hi: int) -> None: ...
+    def grant_lease(
+        self, partition_count: int, partition: int, owner: str, lease_seconds: float
+    ) -> Lease | None: ...
+    def take_over_lease(
+        self, *, partition_count: int, partition: int, epoch: int, owner: str, lease_seconds: float
+    ) -> Lease | None: ...
+    def release_lease(self, lease: Lease) -> bool: ...
+    def mark_inflight(
+        self,
+        lease: Lease,
+        *,
+        ids: Sequence[uuid.UUID],
+        cursor_slot: int,
+        lease_seconds: float,
+    ) -> bool: ...
+    def select_candidates(
+        self, slot_lo: int, slot_hi: int, limit: int, *, skip: Collection[tuple[str, str]] = ()
+    ) -> list[Row]: ...
+    def pending_seqs(
+        self, max_seq_by_aggregate: dict[tuple[str, str], int]
+    ) -> dict[tuple[str, str], list[int]]: ...
+    def finish_batch(
+        self,
+        lease: Lease,
+        published_ids: Sequence[uuid.UUID],
+        failures: Sequence[Failure],
+        *,
+        delete_published: bool,
+    ) -> FinishResult: ...
+
+
+class RelayStore(Protocol):
+    """Where the relay keeps rows and leases: ``store.relay.PostgresRelayStore`` in production,
+    ``testing.InMemoryRelayStore`` in unit tests.
+
+    ``transaction(what)`` commits when the block exits normally and rolls back when it raises;
+    ``what`` names the step in errors (``DatabaseUnavailable`` from the PostgreSQL store).
+    """
+
+    def transaction(self, what: str = ...) -> AbstractContextManager[RelayTransaction]: ...
+
+
 class Observer(Protocol):
     """Hooks the relay calls; metrics implement it. Exceptions from it are swallowed."""
 
     def batch_published(
         self,
         partition: int,
-        rows: Sequence[store.Row],
+        rows: Sequence[Row],
         published: set[str],
         seconds: float,
         latencies: Sequence[float],
@@ -74,7 +131,7 @@ class NullObserver:
     def batch_published(
         self,
         partition: int,
-        rows: Sequence[store.Row],
+        rows: Sequence[Row],
         published: set[str],
         seconds: float,
         latencies: Sequence[float],
@@ -105,55 +162,6 @@ class _SafeObserver:
 
 
 @dataclass
-class Circuit:
-    """Broker outage circuit, one per process. Open: claims and publishes pause.
-
-    Opening and closing are logged once each, never per message.
-    """
-
-    base_seconds: float = 1.0
-    max_seconds: float = 30.0
-    clock: Callable[[], float] = time.monotonic
-    failures: int = 0
-    open_until: float = 0.0
-    on_change: Callable[[bool], None] | None = None
-
-    @property
-    def is_open(self) -> bool:
-        return self.failures > 0 and self.clock() < self.open_until
-
-    def record_failure(self, error: BaseException) -> None:
-        self.failures += 1
-        delay = min(self.max_seconds, self.base_seconds * 2 ** min(self.failures - 1, 20))
-        self.open_until = self.clock() + delay
-        if self.failures == 1:
-            event(
-                log,
-                logging.WARNING,
-                "circuit_open",
-                "broker unavailable; pausing publishing",
-                error=str(error),
-                retry_in_seconds=delay,
-            )
-            if self.on_change:
-                self.on_change(True)
-
-    def record_success(self) -> None:
-        if self.failures:
-            event(
-                log,
-                logging.INFO,
-                "circuit_closed",
-                "broker is back; publishing resumed",
-                failed_attempts=self.failures,
-            )
-            self.failures = 0
-            self.open_until = 0.0
-            if self.on_change:
-                self.on_change(False)
-
-
-@dataclass
 class PublishReport:
     """What one publish task did; also what Flower shows as the task result."""
 
@@ -180,13 +188,47 @@ class PublishReport:
         }
 
 
+def claim_partition(
+    store: RelayStore,
+    settings: Settings,
+    *,
+    owner: str,
+    partition: int,
+    partition_count: int | None = None,
+) -> Lease | None:
+    """Grant ``owner`` a lease on ``partition`` (of ``partition_count``, default
+    ``settings.partitions``) if it has due rows and nobody holds it; None otherwise. Idempotent:
+    a duplicate claim while the lease is live changes nothing. Needs no publisher, so the wake-up
+    listener claims with it too. Raises what the store raises (``DatabaseUnavailable``)."""
+    n = partition_count or settings.partitions
+    lo, hi = slot_range(partition, n)
+    with store.transaction("claim") as tx:
+        if not tx.has_due_rows(lo, hi):
+            return None
+        tx.lock_lease_table()
+        tx.ensure_partition_row(n, partition, lo, hi)
+        tx.lock_overlapping_leases(n, lo, hi)
+        lease = tx.grant_lease(n, partition, owner, settings.lease_seconds)
+    if lease is not None:
+        event(
+            log,
+            logging.DEBUG,
+            "lease_granted",
+            "partition leased",
+            partition=partition,
+            partitions=n,
+            epoch=lease.epoch,
+        )
+    return lease
+
+
 class Relay:
     """Claims and publishes for one process. Thread-compatible, not thread-safe."""
 
     def __init__(
         self,
         settings: Settings,
-        engine: Engine,
+        store: RelayStore,
         publisher: Publisher,
         *,
         owner: str,
@@ -196,46 +238,34 @@ class Relay:
         circuit: Circuit | None = None,
     ) -> None:
         self.settings = settings
-        self.engine = engine
+        self._store = store
         self.publisher = publisher
         self.owner = owner
         self._observer = _SafeObserver(observer or NullObserver())
         self.clock = clock
         self.jitter = jitter
-        self.circuit = circuit or Circuit(
-            max_seconds=settings.circuit_max_seconds,
-            clock=clock,
-        )
+        self.circuit = circuit or Circuit(clock=clock, max_seconds=settings.circuit_max_seconds)
         if self.circuit.on_change is None:
             self.circuit.on_change = lambda is_open: self._observer.call("circuit_changed", is_open)
 
+    @property
+    def store(self) -> RelayStore:
+        return self._store
+
     # --- claim ------------------------------------------------------------------------------
 
-    def claim(self, partition: int, partition_count: int | None = None) -> store.Lease | None:
-        """Grant a lease on ``partition`` if it has due rows and nobody holds it. Idempotent:
-        a duplicate claim while the lease is live changes nothing."""
+    def claim(self, partition: int, partition_count: int | None = None) -> Lease | None:
+        """Grant a lease on ``partition`` if it has due rows and nobody holds it (see
+        :func:`claim_partition`); None while the broker circuit is open."""
         if self.circuit.is_open:
             return None
-        n = partition_count or self.settings.partitions
-        lo, hi = slot_range(partition, n)
-        with translate_errors("claim"), self.engine.begin() as conn:
-            if not store.has_due_rows(conn, lo, hi):
-                return None
-            store.lock_lease_table(conn)
-            store.ensure_partition_row(conn, n, partition, lo, hi)
-            store.lock_overlapping_leases(conn, n, lo, hi)
-            lease = store.grant_lease(conn, n, partition, self.owner, self.settings.lease_seconds)
-        if lease is not None:
-            event(
-                log,
-                logging.DEBUG,
-                "lease_granted",
-                "partition leased",
-                partition=partition,
-                partitions=n,
-                epoch=lease.epoch,
-            )
-        return lease
+        return claim_partition(
+            self._store,
+            self.settings,
+            owner=self.owner,
+            partition=partition,
+            partition_count=partition_count,
+        )
 
     # --- publish ----------------------------------------------------------------------------
 
@@ -245,9 +275,8 @@ class Relay:
         """Drain one leased partition for up to ``publish_task_seconds``."""
         n = partition_count or self.settings.partitions
         report = PublishReport(partition=partition, epoch=epoch)
-        with translate_errors("publish"), self.engine.begin() as conn:
-            lease = store.take_over_lease(
-                conn,
+        with self._store.transaction("publish") as tx:
+            lease = tx.take_over_lease(
                 partition_count=n,
                 partition=partition,
                 epoch=epoch,
@@ -257,7 +286,7 @@ class Relay:
             if lease is not None and self.circuit.is_open:
                 # Hand the partition straight back: holding it would only delay another
                 # process that may already see the broker again.
-                store.release_lease(conn, lease)
+                tx.release_lease(lease)
                 report.circuit_open = True
                 report.more = True
                 return report
@@ -290,8 +319,8 @@ class Relay:
             report.circuit_open = True
             report.more = True
         if not report.lease_lost:
-            with translate_errors("release"), self.engine.begin() as conn:
-                if not store.release_lease(conn, lease):
+            with self._store.transaction("release") as tx:
+                if not tx.release_lease(lease):
                     # Taken over while we were between batches (a stall past the lease).
                     self._lost(lease, report)
                     return report
@@ -302,21 +331,21 @@ class Relay:
                     report.batches
                     and not report.more
                     and not report.circuit_open
-                    and store.has_due_rows(conn, lease.slot_lo, lease.slot_hi)
+                    and tx.has_due_rows(lease.slot_lo, lease.slot_hi)
                 ):
                     report.more = True
         return report
 
     def _one_batch(
-        self, lease: store.Lease, cursor: int | None, report: PublishReport
+        self, lease: Lease, cursor: int | None, report: PublishReport
     ) -> tuple[int, bool] | None:
         """One batch. Returns (next cursor, batch was full), or None when there is nothing to do
         or the lease was lost."""
         limit = self.settings.batch_size
         lo, hi = lease.slot_lo, lease.slot_hi
         start = cursor if cursor is not None and lo <= cursor < hi else lo
-        with translate_errors("select batch"), self.engine.begin() as conn:
-            rows, batch = self._select_batch(conn, start, lo, hi, limit)
+        with self._store.transaction("select batch") as tx:
+            rows, batch = self._select_batch(tx, start, lo, hi, limit)
             if not rows:
                 return None
             full = len(rows) >= limit
@@ -326,8 +355,7 @@ class Relay:
             if not batch:
                 # Every candidate waits behind an earlier row it cannot take yet.
                 return None
-            if not store.mark_inflight(
-                conn,
+            if not tx.mark_inflight(
                 lease,
                 ids=[r.id for r in batch],
                 cursor_slot=next_cursor,
@@ -352,9 +380,8 @@ class Relay:
         published = set(result.published)
         ok_rows = [row for row, m in zip(batch, messages, strict=True) if m.event_id in published]
         ok_ids = [row.id for row in ok_rows]
-        with translate_errors("finish batch"), self.engine.begin() as conn:
-            finish = store.finish_batch(
-                conn,
+        with self._store.transaction("finish batch") as tx:
+            finish = tx.finish_batch(
                 lease,
                 ok_ids,
                 failures,
@@ -402,8 +429,8 @@ class Relay:
         return next_cursor, full
 
     def _select_batch(
-        self, conn: Connection, start: int, lo: int, hi: int, limit: int
-    ) -> tuple[list[store.Row], list[store.Row]]:
+        self, tx: RelayTransaction, start: int, lo: int, hi: int, limit: int
+    ) -> tuple[list[Row], list[Row]]:
         """Lock candidates and keep the unbroken per-aggregate prefixes (the batch).
 
         Rows dropped because an earlier row of their aggregate is out of reach (locked by another
@@ -412,18 +439,18 @@ class Relay:
         (DESIGN 4.3). Returns the first selection (it sets the cursor) and the batch.
         """
         skip: set[tuple[str, str]] = set()
-        first: list[store.Row] | None = None
-        selected: list[store.Row] = []
-        batch: list[store.Row] = []
+        first: list[Row] | None = None
+        selected: list[Row] = []
+        batch: list[Row] = []
         for _ in range(MAX_RESELECTS):
             want = limit - len(batch)
-            rows = store.select_candidates(conn, start, hi, want, skip=skip)
+            rows = tx.select_candidates(start, hi, want, skip=skip)
             if len(rows) < want and start > lo:
-                rows += store.select_candidates(conn, lo, start, want - len(rows), skip=skip)
+                rows += tx.select_candidates(lo, start, want - len(rows), skip=skip)
             if first is None:
                 first = rows
             selected += rows
-            batch = self._unbroken_prefixes(conn, selected)
+            batch = self._unbroken_prefixes(tx, selected)
             if len(rows) < want or len(batch) >= limit:
                 break
             kept = {row.seq for row in batch}
@@ -432,14 +459,14 @@ class Relay:
             }
         return first or [], batch
 
-    def _unbroken_prefixes(self, conn: Connection, rows: list[store.Row]) -> list[store.Row]:
+    def _unbroken_prefixes(self, tx: RelayTransaction, rows: list[Row]) -> list[Row]:
         """Keep, per aggregate, only rows with no earlier pending row outside the batch."""
         max_seq: dict[tuple[str, str], int] = {}
         for row in rows:
             key = (row.aggregate_type, row.aggregate_id)
             if row.seq > max_seq.get(key, -1):
                 max_seq[key] = row.seq
-        pending = store.pending_seqs(conn, max_seq)
+        pending = tx.pending_seqs(max_seq)
         in_batch = {row.seq for row in rows}
         first_gap: dict[tuple[str, str], int] = {}
         for key, seqs in pending.items():
@@ -455,7 +482,7 @@ class Relay:
         kept.sort(key=lambda r: r.seq)
         return kept
 
-    def _message(self, lease: store.Lease, row: store.Row) -> OutboundMessage:
+    def _message(self, lease: Lease, row: Row) -> OutboundMessage:
         return message_for_row(
             row,
             partition=lease.partition,
@@ -463,7 +490,7 @@ class Relay:
             redelivered=row.id in lease.redeliver_ids,
         )
 
-    def _failures(self, batch: Sequence[store.Row], failed: dict[str, str]) -> list[store.Failure]:
+    def _failures(self, batch: Sequence[Row], failed: dict[str, str]) -> list[Failure]:
         result = []
         for row in batch:
             error = failed.get(str(row.id))
@@ -478,7 +505,7 @@ class Relay:
             )
             self._observer.call("message_failed", "message_rejected")
             result.append(
-                store.Failure(
+                Failure(
                     id=row.id,
                     retry_count=decision.retry_count,
                     error=error[:MAX_ERROR_LENGTH],
@@ -487,7 +514,7 @@ class Relay:
             )
         return result
 
-    def _lost(self, lease: store.Lease, report: PublishReport) -> None:
+    def _lost(self, lease: Lease, report: PublishReport) -> None:
         report.lease_lost = True
         self._observer.call("lease_lost", lease.partition)
         event(

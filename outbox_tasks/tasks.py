@@ -15,6 +15,7 @@ from typing import Any
 from celery import bootsteps
 from celery.signals import worker_init, worker_process_shutdown, worker_shutdown
 from celery.worker.control import control_command, inspect_command
+from sqlalchemy.engine import Engine
 
 from outbox_tasks import deadletter
 from outbox_tasks.celery import app, settings
@@ -33,6 +34,7 @@ from outbox_tasks.metrics import (
 from outbox_tasks.publisher import BrokerPublisher
 from outbox_tasks.relay import Relay
 from outbox_tasks.status import collect_status, db_snapshot
+from outbox_tasks.store.relay import PostgresRelayStore
 from outbox_tasks.wakeup import WakeupListener
 
 log = get_logger("tasks")
@@ -44,6 +46,7 @@ class _ProcessRuntime:
     def __init__(self) -> None:
         self.pid: int | None = None
         self.relay: Relay | None = None
+        self.engine: Engine | None = None
         self.metrics: RelayMetrics | None = None
         self.dead_publisher: BrokerPublisher | None = None
         self.dead_publisher_pid: int | None = None
@@ -63,7 +66,7 @@ class _ProcessRuntime:
         if self.relay is None or self.pid != os.getpid():
             self.pid = os.getpid()
             configure()
-            engine = make_engine(settings, pool_size=2)
+            self.engine = engine = make_engine(settings, pool_size=2)
             publisher = BrokerPublisher(
                 settings.effective_publish_url,
                 settings.exchange,
@@ -73,12 +76,18 @@ class _ProcessRuntime:
                 self.metrics = RelayMetrics()
             self.relay = Relay(
                 settings,
-                engine,
+                PostgresRelayStore(engine),
                 publisher,
                 owner=f"{socket.gethostname()}:{self.pid}",
                 observer=self.metrics,
             )
         return self.relay
+
+    def get_engine(self) -> Engine:
+        """This process's engine (the relay's store uses it; so do the maintenance tasks)."""
+        self.get()
+        assert self.engine is not None
+        return self.engine
 
 
 runtime = _ProcessRuntime()
@@ -150,10 +159,10 @@ def publish(partition: int, epoch: int, partition_count: int) -> dict[str, Any]:
 def dead_letter() -> dict[str, Any]:
     """Record exhausted messages, publish their copies to the dead-letter exchange, drop the
     rows of skip-policy event types (their aggregates flow on)."""
-    relay = runtime.get()
+    engine = runtime.get_engine()
     try:
         with translate_errors("dead_letter"):
-            return deadletter.collect(relay.engine, settings, runtime.get_dead_publisher())
+            return deadletter.collect(engine, settings, runtime.get_dead_publisher())
     except (DatabaseUnavailable, BrokerUnavailable) as error:
         event(
             log, logging.WARNING, "dead_letter_skipped", "dead-letter run skipped", error=str(error)
@@ -165,11 +174,11 @@ def dead_letter() -> dict[str, Any]:
 def cleanup() -> dict[str, Any]:
     """Remove published rows (OUTBOX_CLEANUP_MODE), old consumer receipts and resolved dead
     letters in short batches; one run at a time per database."""
-    relay = runtime.get()
+    engine = runtime.get_engine()
     try:
         with translate_errors("cleanup"):
             report = run_cleanup(
-                relay.engine, settings, max_seconds=min(settings.cleanup_interval_seconds, 900.0)
+                engine, settings, max_seconds=min(settings.cleanup_interval_seconds, 900.0)
             )
     except DatabaseUnavailable as error:
         event(log, logging.WARNING, "database_unavailable", "cleanup stopped", error=str(error))
@@ -181,10 +190,10 @@ def cleanup() -> dict[str, Any]:
 def export_metrics() -> dict[str, float]:
     """Refresh the database-derived gauges: one reading, broadcast to every worker, whose main
     process serves it on its metrics endpoint."""
-    relay = runtime.get()
+    engine = runtime.get_engine()
     try:
         with translate_errors("export_metrics"):
-            snapshot = db_snapshot(collect_status(relay.engine, settings))
+            snapshot = db_snapshot(collect_status(engine, settings))
     except DatabaseUnavailable as error:
         event(
             log, logging.WARNING, "database_unavailable", "metrics export skipped", error=str(error)
@@ -276,14 +285,16 @@ class WakeupStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def __init__(self, worker: Any, **kwargs: Any) -> None:
         self.listener: WakeupListener | None = None
         self.relay: Relay | None = None
+        self.engine: Engine | None = None
 
     def start(self, worker: Any) -> None:
         if not settings.wakeup_enabled:
             return
         configure()
+        self.engine = make_engine(settings, pool_size=1, application_name="outbox_tasks.wakeup")
         self.relay = Relay(
             settings,
-            make_engine(settings, pool_size=1, application_name="outbox_tasks.wakeup"),
+            PostgresRelayStore(self.engine),
             publisher=_NoPublisher(),
             owner=f"{socket.gethostname()}:{os.getpid()}:wakeup",
         )
@@ -303,8 +314,8 @@ class WakeupStep(bootsteps.StartStopStep):  # type: ignore[misc]
     def stop(self, worker: Any) -> None:
         if self.listener is not None:
             self.listener.stop()
-        if self.relay is not None:
-            self.relay.engine.dispose()
+        if self.engine is not None:
+            self.engine.dispose()
 
 
 class _NoPublisher:

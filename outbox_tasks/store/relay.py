@@ -1,8 +1,11 @@
-"""All relay SQL, one named function per statement.
+"""All relay SQL, one named function per statement, and ``PostgresRelayStore`` over them.
 
 Every function takes an open SQLAlchemy ``Connection`` (the caller owns the transaction) and
-returns plain values. Lease time is PostgreSQL's clock (``clock_timestamp()``): one clock for
-every host, so a worker with a skewed clock can never extend or steal a lease.
+returns plain values. ``PostgresRelayStore(engine)`` is what the relay talks to: its
+``transaction()`` opens one and offers these statements as methods (``relay.RelayStore``).
+
+Lease time is PostgreSQL's clock (``clock_timestamp()``): one clock for every host, so a worker
+with a skewed clock can never extend or steal a lease.
 
 Fencing (DESIGN 2.5): every write a lease holder makes goes through a data-modifying CTE that
 updates the holder's own lease row ``WHERE epoch = :epoch AND leased_until > clock_timestamp()``.
@@ -13,17 +16,23 @@ holder sees its effect, or the grant wins and the write matches no lease and cha
 from __future__ import annotations
 
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
+
+from outbox_tasks.db import translate_errors
 
 # Serializes lease grants across partition counts (repartitioning, DESIGN 4.2). Held for one
 # short transaction per grant; the value is arbitrary but fixed ("outbox" in ASCII).
 LEASE_LOCK_KEY = 0x6F7574626F78
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,8 +145,6 @@ _GRANT = text(
         owner = :owner,
         granted_at = clock_timestamp(),
         leased_until = clock_timestamp() + make_interval(secs => :lease_seconds),
-        -- Rows a previous holder may have sent without marking: every holder of an overlapping
-        -- range, of any partition count, counts (a crash leaves its in-flight marker behind).
         -- Rows a previous holder may have sent without marking: the in-flight batch left by
         -- every holder of an overlapping range, of any partition count (a crash leaves it
         -- behind), and those still pending from earlier grants. Published ones drop out.
@@ -490,3 +497,52 @@ def finish_batch(
     return FinishResult(
         fenced_ok=row.at is not None, marked=row.done, failed=row.failed, finished_at=row.at
     )
+
+
+# --- the store the relay talks to -------------------------------------------------------------
+
+
+class PostgresRelayStore:
+    """The relay's store on PostgreSQL. Each ``transaction()`` is one database transaction on
+    ``engine``; driver errors in it are raised as ``DatabaseUnavailable`` or ``OutboxError``
+    (``db.translate_errors``, with ``what`` naming the step)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @contextmanager
+    def transaction(self, what: str = "relay") -> Iterator[PostgresRelayTransaction]:
+        with translate_errors(what), self.engine.begin() as conn:
+            yield PostgresRelayTransaction(conn)
+
+
+def _bound(
+    statement: Callable[Concatenate[Connection, P], R],
+) -> Callable[Concatenate[PostgresRelayTransaction, P], R]:
+    """A statement function as a method of the transaction: same parameters, minus ``conn``."""
+
+    def method(self: PostgresRelayTransaction, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return statement(self.conn, *args, **kwargs)
+
+    method.__name__ = statement.__name__
+    method.__doc__ = statement.__doc__
+    return method
+
+
+class PostgresRelayTransaction:
+    """The statements above, bound to one open transaction (committed when it closes)."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    has_due_rows = _bound(has_due_rows)
+    lock_lease_table = _bound(lock_lease_table)
+    ensure_partition_row = _bound(ensure_partition_row)
+    lock_overlapping_leases = _bound(lock_overlapping_leases)
+    grant_lease = _bound(grant_lease)
+    take_over_lease = _bound(take_over_lease)
+    release_lease = _bound(release_lease)
+    mark_inflight = _bound(mark_inflight)
+    select_candidates = _bound(select_candidates)
+    pending_seqs = _bound(pending_seqs)
+    finish_batch = _bound(finish_batch)

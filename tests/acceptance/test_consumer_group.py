@@ -19,6 +19,7 @@ from outbox_tasks.consumer import declare_topology
 from outbox_tasks.publisher import BrokerPublisher
 from outbox_tasks.relay import Relay
 from outbox_tasks.settings import Settings
+from outbox_tasks.store.relay import PostgresRelayStore
 from tests.integration.test_consumer_kit import (
     ConsumerProcess,
     broker_settings,
@@ -45,7 +46,9 @@ def relay_running(settings: Settings, engine: Engine) -> Iterator[None]:
 
     def loop() -> None:
         publisher = BrokerPublisher(settings.effective_publish_url, settings.exchange)
-        relay = Relay(settings, engine, publisher, owner="acceptance", jitter=lambda: 0.0)
+        relay = Relay(
+            settings, PostgresRelayStore(engine), publisher, owner="acceptance", jitter=lambda: 0.0
+        )
         try:
             while not stop.is_set():
                 for partition in range(settings.partitions):

@@ -20,6 +20,7 @@ from outbox_tasks.relay import Relay
 from outbox_tasks.schema import OutboxMessage
 from outbox_tasks.settings import Settings
 from outbox_tasks.store import relay as store
+from outbox_tasks.store.relay import PostgresRelayStore
 from tests.support.kit import bulk_insert, collecting, insert_events, pending_count, wait_until
 from tests.support.publishers import RefusingPublisher
 from tests.support.relaying import drain, make_relay, wait_for
@@ -340,7 +341,14 @@ def test_a_broker_outage_spends_no_retry_budget_and_publishing_resumes_after_it(
     settings = settings.with_changes(partitions=1, publish_url=proxied)
     pub = BrokerPublisher(proxied, settings.exchange, timeout_seconds=1)
     clock = [0.0]
-    relay = Relay(settings, engine, pub, owner="t", clock=lambda: clock[0], jitter=lambda: 0.0)
+    relay = Relay(
+        settings,
+        PostgresRelayStore(engine),
+        pub,
+        owner="t",
+        clock=lambda: clock[0],
+        jitter=lambda: 0.0,
+    )
     bulk_insert(engine, 50, 5)
     with collecting(settings.broker_url, settings.exchange) as collector:
         pub.declare()

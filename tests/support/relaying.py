@@ -6,11 +6,12 @@ from sqlalchemy.engine import Engine
 
 from outbox_tasks.relay import Publisher, Relay
 from outbox_tasks.settings import Settings
+from outbox_tasks.store.relay import PostgresRelayStore
 from tests.support.kit import Collector, wait_until
 
 
 def make_relay(settings: Settings, engine: Engine, publisher: Publisher, owner: str = "t") -> Relay:
-    return Relay(settings, engine, publisher, owner=owner, jitter=lambda: 0.0)
+    return Relay(settings, PostgresRelayStore(engine), publisher, owner=owner, jitter=lambda: 0.0)
 
 
 def drain(relay: Relay, rounds: int = 50) -> int:
