@@ -7,28 +7,14 @@ from sqlalchemy.engine import Engine
 from outbox_tasks.relay import Publisher, Relay
 from outbox_tasks.settings import Settings
 from outbox_tasks.store.relay import PostgresRelayStore
+from outbox_tasks.testing import drain
 from tests.support.kit import Collector, wait_until
+
+__all__ = ["drain", "make_relay", "wait_for"]
 
 
 def make_relay(settings: Settings, engine: Engine, publisher: Publisher, owner: str = "t") -> Relay:
     return Relay(settings, PostgresRelayStore(engine), publisher, owner=owner, jitter=lambda: 0.0)
-
-
-def drain(relay: Relay, rounds: int = 50) -> int:
-    """Claim and publish every partition until nothing is left to do; returns rows published."""
-    total = 0
-    for _ in range(rounds):
-        progressed = False
-        for partition in range(relay.settings.partitions):
-            lease = relay.claim(partition)
-            if lease is None:
-                continue
-            report = relay.publish(partition, lease.epoch)
-            total += report.published
-            progressed = progressed or report.published > 0 or report.failed > 0
-        if not progressed:
-            break
-    return total
 
 
 def wait_for(collector: Collector, count: int) -> None:
