@@ -1,0 +1,231 @@
+"""The relay store's contract, one set of assertions for the in-memory fakes and for PostgreSQL
+(with the real broker publisher on Redis): claims, fenced writes, per-aggregate order, retries,
+parking and replay. A fake that passes here can stand in for the database in unit tests.
+
+``test_contract_catches_broken_fakes.py`` shows these tests fail against a fake that ignores the
+epoch fence or breaks the order."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from outbox_tasks.envelope import OutboundMessage
+from outbox_tasks.publisher import BatchResult
+from outbox_tasks.relay import claim_partition
+from outbox_tasks.store.relay import Failure
+from outbox_tasks.testing import drain
+from tests.contract.backends import Backend, RowState, Sent
+
+UNTOUCHED = RowState(published=False, retry_count=0, waiting=False, parked=False)
+
+
+def ids_of(sent: Sequence[Sent], aggregate: tuple[str, str] | None = None) -> list[str]:
+    """Event ids in arrival order (first arrivals only), of one aggregate or of all."""
+    seen: list[str] = []
+    for s in sent:
+        if (aggregate is None or s.aggregate == aggregate) and s.event_id not in seen:
+            seen.append(s.event_id)
+    return seen
+
+
+def strs(ids: Sequence[uuid.UUID]) -> list[str]:
+    return [str(i) for i in ids]
+
+
+def test_a_claim_is_idempotent_while_its_lease_is_live(backend: Backend) -> None:
+    settings = backend.settings.with_changes(partitions=1)
+    backend.add(("Order", "1"))
+    relay = backend.relay(settings, owner="A")
+
+    lease = relay.claim(0)
+
+    assert lease is not None
+    assert relay.claim(0) is None
+    assert claim_partition(backend.store, settings, owner="B", partition=0) is None
+    report = relay.publish(0, lease.epoch)
+    assert report.published == 1 and not report.lease_lost
+    assert relay.claim(0) is None, "nothing is due: no lease"
+    backend.add(("Order", "1"))
+    again = relay.claim(0)
+    assert again is not None and again.epoch == lease.epoch + 1
+
+
+def test_a_stale_epoch_can_neither_mark_nor_fail_nor_release(backend: Backend) -> None:
+    settings = backend.settings.with_changes(partitions=1)
+    first, second = backend.add(("Order", "1"), ("Order", "2"))
+    old = claim_partition(backend.store, settings, owner="old", partition=0)
+    assert old is not None
+    backend.expire_leases()
+    new = claim_partition(backend.store, settings, owner="new", partition=0)
+    assert new is not None and new.epoch == old.epoch + 1
+    late_failure = Failure(id=second, retry_count=1, error="late", delay_seconds=None)
+
+    with backend.store.transaction() as tx:
+        assert not tx.mark_inflight(old, ids=[first], cursor_slot=0, lease_seconds=30)
+        finish = tx.finish_batch(old, [first], [late_failure], delete_published=False)
+        assert (finish.fenced_ok, finish.marked, finish.failed) == (False, 0, 0)
+        assert not tx.release_lease(old)
+        assert (
+            tx.take_over_lease(
+                partition_count=1, partition=0, epoch=old.epoch, owner="old", lease_seconds=30
+            )
+            is None
+        )
+
+    assert backend.row(first) == UNTOUCHED
+    assert backend.row(second) == UNTOUCHED
+    with backend.store.transaction() as tx:
+        finish = tx.finish_batch(new, [first], [], delete_published=False)
+        assert (finish.fenced_ok, finish.marked) == (True, 1)
+    assert backend.row(first).published
+    backend.expire_leases()
+    with backend.store.transaction() as tx:
+        assert not tx.release_lease(new), "an expired lease is no lease"
+
+
+def test_a_holder_whose_lease_ran_out_mid_publish_changes_no_row(backend: Backend) -> None:
+    """A is inside the broker call when its lease expires; B takes over and publishes everything;
+    A's marks and its failure report then change nothing."""
+    settings = backend.settings.with_changes(partitions=1)
+    ids = backend.add(*[("Order", str(i % 3)) for i in range(6)])
+
+    class TakenOverMidPublish:
+        def publish_batch(self, messages: Sequence[OutboundMessage]) -> BatchResult:
+            backend.expire_leases()
+            assert drain(backend.relay(settings, owner="B")) == 6
+            result = backend.publisher.publish_batch(messages[1:])
+            return BatchResult(
+                published=result.published, failed={messages[0].event_id: "late"}, skipped=[]
+            )
+
+    a = backend.relay(settings, owner="A")
+    a.publisher = TakenOverMidPublish()
+    lease = a.claim(0)
+    assert lease is not None
+
+    report = a.publish(0, lease.epoch)
+
+    assert report.lease_lost and report.published == 0 and report.failed == 0
+    assert all(backend.row(i) == RowState(True, 0, False, False) for i in ids)
+    assert set(ids_of(backend.sent(6 + 5))) == set(strs(ids))
+
+
+def test_each_aggregate_is_published_in_sequence_order(backend: Backend) -> None:
+    settings = backend.settings.with_changes(partitions=3, batch_size=4)
+    aggregates = [("Order", str(i % 6)) for i in range(60)]
+    ids = backend.add(*aggregates)
+
+    assert drain(backend.relay(settings)) == 60
+
+    sent = backend.sent(60)
+    assert sorted(ids_of(sent)) == sorted(strs(ids))
+    for aggregate in set(aggregates):
+        written = [str(i) for i, a in zip(ids, aggregates, strict=True) if a == aggregate]
+        assert ids_of(sent, aggregate) == written, f"{aggregate} out of order"
+        sequences = [s.sequence for s in sent if s.aggregate == aggregate]
+        assert sequences == sorted(sequences)
+
+
+def test_a_message_in_backoff_holds_back_its_aggregate_and_no_other(backend: Backend) -> None:
+    # One failure: a retry in 1 s (jitter 0 takes half of the 2 s ceiling).
+    settings = backend.settings.with_changes(
+        partitions=1, backoff_base_seconds=2.0, backoff_max_seconds=2.0
+    )
+    p1, q1, p2, q2 = backend.add(("Order", "P"), ("Order", "Q"), ("Order", "P"), ("Order", "Q"))
+    backend.publisher.fail(p1, times=1)
+    relay = backend.relay(settings)
+
+    drain(relay)
+
+    assert ids_of(backend.sent(2)) == strs([q1, q2])
+    assert backend.row(p1) == RowState(published=False, retry_count=1, waiting=True, parked=False)
+    assert backend.row(p2) == UNTOUCHED
+    backend.wait(1.2)
+    drain(relay)
+    assert ids_of(backend.sent(4), ("Order", "P")) == strs([p1, p2])
+    assert backend.row(p1) == RowState(published=True, retry_count=1, waiting=False, parked=False)
+
+
+def test_after_max_retries_a_message_parks_its_aggregate_and_the_others_flow(
+    backend: Backend,
+) -> None:
+    settings = backend.settings.with_changes(
+        partitions=1, max_retries=2, backoff_base_seconds=0.001, backoff_max_seconds=0.002
+    )
+    p1, q1, p2 = backend.add(("Order", "P"), ("Order", "Q"), ("Order", "P"))
+    backend.publisher.fail(p1, times=None)
+    relay = backend.relay(settings)
+
+    for _ in range(10):
+        drain(relay)
+        if backend.row(p1).parked:
+            break
+        backend.wait(0.01)  # past the millisecond backoff
+
+    assert backend.row(p1) == RowState(published=False, retry_count=3, waiting=False, parked=True)
+    assert backend.publisher.attempts[str(p1)] == 3  # the first try and max_retries
+    assert backend.row(p2) == UNTOUCHED
+    q2, p3 = backend.add(("Order", "Q"), ("Order", "P"))
+    drain(relay)
+    assert ids_of(backend.sent(2)) == strs([q1, q2])
+    assert backend.row(p3) == UNTOUCHED
+
+
+def test_replay_puts_a_parked_aggregate_back_in_line_in_order(backend: Backend) -> None:
+    settings = backend.settings.with_changes(partitions=1, max_retries=0)
+    p1, q1, p2 = backend.add(("Order", "P"), ("Order", "Q"), ("Order", "P"))
+    backend.publisher.fail(p1, times=None)
+    relay = backend.relay(settings)
+    drain(relay)
+    assert backend.row(p1).parked
+    backend.publisher.fail(p1, times=0)
+
+    backend.replay("Order", "P")
+
+    assert backend.row(p1) == UNTOUCHED
+    assert drain(relay) == 2
+    sent = backend.sent(3)
+    assert ids_of(sent) == strs([q1, p1, p2])
+    assert backend.row(p2).published
+
+
+def test_rows_a_crashed_holder_may_have_sent_are_resent_marked_redelivered(
+    backend: Backend,
+) -> None:
+    settings = backend.settings.with_changes(partitions=1, batch_size=10)
+    first = backend.add(*[("Order", str(i)) for i in range(3)])
+    lease = claim_partition(backend.store, settings, owner="crashed", partition=0)
+    assert lease is not None
+    # What a publish does up to the broker call, then the process dies.
+    with backend.store.transaction() as tx:
+        rows = tx.select_candidates(lease.slot_lo, lease.slot_hi, 10)
+        assert tx.mark_inflight(
+            lease, ids=[r.id for r in rows], cursor_slot=lease.slot_lo, lease_seconds=30
+        )
+    [later] = backend.add(("Order", "new"))
+    backend.expire_leases()
+
+    assert drain(backend.relay(settings, owner="next")) == 4
+
+    flags = {s.event_id: s.redelivered for s in backend.sent(4)}
+    assert flags == {**dict.fromkeys(strs(first), True), str(later): False}
+
+
+def test_a_broker_outage_opens_the_circuit_and_spends_no_retry(backend: Backend) -> None:
+    settings = backend.settings.with_changes(partitions=1)
+    ids = backend.add(("Order", "1"), ("Order", "1"))
+    relay = backend.relay(settings)
+    backend.publisher.unavailable = True
+    lease = relay.claim(0)
+    assert lease is not None
+
+    report = relay.publish(0, lease.epoch)
+
+    assert report.circuit_open and report.more and report.published == 0
+    assert relay.claim(0) is None, "claims pause while the circuit is open"
+    assert [backend.row(i) for i in ids] == [UNTOUCHED, UNTOUCHED]
+    backend.publisher.unavailable = False
+    backend.clock.advance(settings.circuit_max_seconds)  # the relay's clock: the circuit's delay
+    assert drain(relay) == 2
+    assert ids_of(backend.sent(2)) == strs(ids)
