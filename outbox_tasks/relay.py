@@ -12,9 +12,9 @@ One publish cycle (DESIGN 4.1, with the shape changes explained in docs/relay.md
    c. mark published and record failures in one fenced statement.
 3. Release the lease; report whether the partition still has work (the caller chains a claim).
 
-The relay holds no SQL and reads no clock of its own: it is given a ``RelayStore`` (PostgreSQL in
-production, ``outbox_tasks.testing.InMemoryRelayStore`` in unit tests), a ``Publisher``, and the
-``clock`` and ``jitter`` it uses.
+The relay holds no SQL: it is given a ``RelayStore`` (PostgreSQL in production,
+``outbox_tasks.testing.InMemoryRelayStore`` in unit tests), a ``Publisher``, and the ``clock`` and
+``jitter`` it uses.
 """
 
 from __future__ import annotations
