@@ -1,5 +1,10 @@
 """All SQL of the package, one module per use case, one named function per statement.
 
-``relay``: leases and batches (the hot path), and ``PostgresRelayStore``, the relay's store on
-PostgreSQL. Consumer SQL lives in ``consumer/store.py``.
+- ``relay``: leases and batches (the hot path), and ``PostgresRelayStore``, the relay's store on
+  PostgreSQL (``relay.RelayStore``; ``testing.InMemoryRelayStore`` is its in-memory twin).
+- ``deadletter``: recording, reading and resolving dead letters, and their audit trail.
+- ``cleanup``: bounded deletes of aged rows, the archive read, the per-database lock.
+- ``reports``: read-only queries for status, metrics and counts.
+
+Consumer SQL lives in ``consumer/store.py``.
 """
