@@ -33,7 +33,7 @@ from outbox_tasks.envelope import OutboundMessage, message_for_row
 from outbox_tasks.errors import InvalidMessage, NotFound
 from outbox_tasks.logs import event, get_logger
 from outbox_tasks.partitioning import partition_of
-from outbox_tasks.relay import Publisher
+from outbox_tasks.protocols import Publisher
 from outbox_tasks.settings import Settings
 from outbox_tasks.store import deadletter as store
 from outbox_tasks.store import reports

@@ -22,7 +22,7 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from outbox_tasks.store.relay import Row
+from outbox_tasks.store.records import Row
 
 # Every metric outbox_tasks exports: (name, type, labels). Dashboards and alert rules may use only
 # these (a test checks it). Histograms add _bucket/_sum/_count; counter names include _total.
@@ -68,7 +68,7 @@ LATENCY_BUCKETS = (
 
 
 class RelayMetrics:
-    """The relay's counters; implements relay.Observer."""
+    """The relay's counters; implements protocols.Observer."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         kw = {"registry": registry} if registry is not None else {}

@@ -21,131 +21,24 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
-from collections.abc import Callable, Collection, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from outbox_tasks.circuit import Circuit
 from outbox_tasks.envelope import OutboundMessage, message_for_row
 from outbox_tasks.errors import BrokerUnavailable
 from outbox_tasks.logs import event, get_logger
 from outbox_tasks.partitioning import slot_range
+from outbox_tasks.protocols import NullObserver, Observer, Publisher, RelayStore, RelayTransaction
 from outbox_tasks.retry import GiveUp, decide, system_jitter
 from outbox_tasks.settings import Settings
-from outbox_tasks.store.relay import Failure, FinishResult, Lease, Row
+from outbox_tasks.store.records import Failure, Lease, Row
 
 log = get_logger("relay")
 
 MAX_ERROR_LENGTH = 2000
 # Extra selections per batch when blocked aggregates crowd out the rest (see _select_batch).
 MAX_RESELECTS = 4
-
-
-class BatchOutcome(Protocol):
-    """What a publisher reports for one batch (see ``publisher.BatchResult``)."""
-
-    @property
-    def published(self) -> list[str]: ...
-    @property
-    def failed(self) -> dict[str, str]: ...
-    @property
-    def skipped(self) -> list[str]: ...
-
-
-class Publisher(Protocol):
-    def publish_batch(self, messages: Sequence[OutboundMessage]) -> BatchOutcome: ...
-
-
-class RelayTransaction(Protocol):
-    """One store transaction: the relay's statements (see ``store.relay`` for each one's
-    meaning). Every write a lease holder makes is fenced: it changes nothing, and says so, when
-    the lease's epoch is stale or the lease has expired."""
-
-    def has_due_rows(self, slot_lo: int, slot_hi: int) -> bool: ...
-    def lock_lease_table(self) -> None: ...
-    def ensure_partition_row(
-        self, partition_count: int, partition: int, slot_lo: int, slot_hi: int
-    ) -> None: ...
-    def lock_overlapping_leases(self, partition_count: int, slot_lo: int, slot_hi: int) -> None: ...
-    def grant_lease(
-        self, partition_count: int, partition: int, owner: str, lease_seconds: float
-    ) -> Lease | None: ...
-    def take_over_lease(
-        self, *, partition_count: int, partition: int, epoch: int, owner: str, lease_seconds: float
-    ) -> Lease | None: ...
-    def release_lease(self, lease: Lease) -> bool: ...
-    def mark_inflight(
-        self,
-        lease: Lease,
-        *,
-        ids: Sequence[uuid.UUID],
-        cursor_slot: int,
-        lease_seconds: float,
-    ) -> bool: ...
-    def select_candidates(
-        self, slot_lo: int, slot_hi: int, limit: int, *, skip: Collection[tuple[str, str]] = ()
-    ) -> list[Row]: ...
-    def pending_seqs(
-        self, max_seq_by_aggregate: dict[tuple[str, str], int]
-    ) -> dict[tuple[str, str], list[int]]: ...
-    def finish_batch(
-        self,
-        lease: Lease,
-        published_ids: Sequence[uuid.UUID],
-        failures: Sequence[Failure],
-        *,
-        delete_published: bool,
-    ) -> FinishResult: ...
-
-
-class RelayStore(Protocol):
-    """Where the relay keeps rows and leases: ``store.relay.PostgresRelayStore`` in production,
-    ``testing.InMemoryRelayStore`` in unit tests.
-
-    ``transaction(what)`` commits when the block exits normally and rolls back when it raises;
-    ``what`` names the step in errors (``DatabaseUnavailable`` from the PostgreSQL store).
-    """
-
-    def transaction(self, what: str = ...) -> AbstractContextManager[RelayTransaction]: ...
-
-
-class Observer(Protocol):
-    """Hooks the relay calls; metrics implement it. Exceptions from it are swallowed."""
-
-    def batch_published(
-        self,
-        partition: int,
-        rows: Sequence[Row],
-        published: set[str],
-        seconds: float,
-        latencies: Sequence[float],
-    ) -> None: ...
-    def message_failed(self, error_type: str) -> None: ...
-    def lease_lost(self, partition: int) -> None: ...
-    def circuit_changed(self, is_open: bool) -> None: ...
-
-
-class NullObserver:
-    def batch_published(
-        self,
-        partition: int,
-        rows: Sequence[Row],
-        published: set[str],
-        seconds: float,
-        latencies: Sequence[float],
-    ) -> None:
-        pass
-
-    def message_failed(self, error_type: str) -> None:
-        pass
-
-    def lease_lost(self, partition: int) -> None:
-        pass
-
-    def circuit_changed(self, is_open: bool) -> None:
-        pass
 
 
 class _SafeObserver:

@@ -1,7 +1,7 @@
 """All SQL of the package, one module per use case, one named function per statement.
 
 - ``relay``: leases and batches (the hot path), and ``PostgresRelayStore``, the relay's store on
-  PostgreSQL (``relay.RelayStore``; ``testing.InMemoryRelayStore`` is its in-memory twin).
+  PostgreSQL (``protocols.RelayStore``; ``testing.InMemoryRelayStore`` is its in-memory twin).
 - ``deadletter``: recording, reading and resolving dead letters, and their audit trail.
 - ``cleanup``: bounded deletes of aged rows, the archive read, the per-database lock.
 - ``reports``: read-only queries for status, metrics and counts.

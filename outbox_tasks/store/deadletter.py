@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
-from outbox_tasks.store.relay import Row
+from outbox_tasks.store.records import Row
 
 # Dead-letter statuses an operator can still act on; replay and discard resolve them.
 UNRESOLVED_STATUSES = ("parked", "skipped")

@@ -2,7 +2,7 @@
 
 Every function takes an open SQLAlchemy ``Connection`` (the caller owns the transaction) and
 returns plain values. ``PostgresRelayStore(engine)`` is what the relay talks to: its
-``transaction()`` opens one and offers these statements as methods (``relay.RelayStore``).
+``transaction()`` opens one and offers these statements as methods (``protocols.RelayStore``).
 
 Lease time is PostgreSQL's clock (``clock_timestamp()``): one clock for every host, so a worker
 with a skewed clock can never extend or steal a lease.
@@ -18,14 +18,13 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
 from outbox_tasks.db import translate_errors
+from outbox_tasks.store.records import Failure, FinishResult, Lease, Row
 
 # Serializes lease grants across partition counts (repartitioning, DESIGN 4.2). Held for one
 # short transaction per grant; the value is arbitrary but fixed ("outbox" in ASCII).
@@ -33,53 +32,6 @@ LEASE_LOCK_KEY = 0x6F7574626F78
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-@dataclass(frozen=True, slots=True)
-class Lease:
-    partition_count: int
-    partition: int
-    slot_lo: int
-    slot_hi: int
-    epoch: int
-    owner: str
-    redeliver_ids: frozenset[uuid.UUID]
-    cursor_slot: int | None
-
-
-@dataclass(frozen=True, slots=True)
-class Row:
-    """One pending outbox row, as the relay needs it."""
-
-    id: uuid.UUID
-    aggregate_type: str
-    aggregate_id: str
-    event_type: str
-    payload_json: str
-    headers: dict[str, Any]
-    schema_version: int
-    seq: int
-    slot: int
-    created_at: datetime
-    retry_count: int
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    """A message-specific failure to record. ``delay_seconds`` None means: give up (park)."""
-
-    id: uuid.UUID
-    retry_count: int
-    error: str
-    delay_seconds: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class FinishResult:
-    fenced_ok: bool
-    marked: int
-    failed: int
-    finished_at: datetime | None
 
 
 # --- leases -----------------------------------------------------------------------------------

@@ -7,12 +7,12 @@ from collections.abc import Sequence
 
 from outbox_tasks.envelope import OutboundMessage
 from outbox_tasks.errors import BrokerUnavailable
+from outbox_tasks.protocols import Publisher
 from outbox_tasks.publisher import BatchResult
-from outbox_tasks.relay import Publisher
 
 
 class RecordingPublisher:
-    """A publisher (``relay.Publisher``) that keeps what it publishes, in order, and fails when
+    """A publisher (``protocols.Publisher``) that keeps what it publishes, in order, and fails when
     told to.
 
     On its own it accepts every message. Given ``inner`` (a real ``BrokerPublisher``, say), it

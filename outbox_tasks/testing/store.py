@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from outbox_tasks.schema import OutboxMessage, slot_of
-from outbox_tasks.store.relay import Failure, FinishResult, Lease, Row
+from outbox_tasks.store.records import Failure, FinishResult, Lease, Row
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,7 +112,7 @@ class LeaseRecord:
 
 
 class InMemoryRelayStore:
-    """The relay's store in memory (``relay.RelayStore``). Thread-safe: one transaction at a time.
+    """The relay's store in memory (``protocols.RelayStore``). Thread-safe: one transaction at a time.
 
     ``clock`` gives the time in seconds; leases expire and backoffs end by it (share it with the
     ``Relay``). Records are immutable snapshots: read them with :meth:`rows` and :meth:`row`.

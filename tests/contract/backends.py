@@ -20,8 +20,9 @@ from sqlalchemy.engine import Engine
 
 from outbox_tasks import deadletter
 from outbox_tasks.envelope import H_REDELIVERED
+from outbox_tasks.protocols import RelayStore
 from outbox_tasks.publisher import BrokerPublisher
-from outbox_tasks.relay import Relay, RelayStore
+from outbox_tasks.relay import Relay
 from outbox_tasks.schema import OutboxMessage
 from outbox_tasks.settings import Settings
 from outbox_tasks.store.relay import PostgresRelayStore

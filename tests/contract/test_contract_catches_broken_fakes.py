@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from outbox_tasks.relay import RelayStore
-from outbox_tasks.store.relay import Failure, FinishResult, Lease, Row
+from outbox_tasks.protocols import RelayStore
+from outbox_tasks.store.records import Failure, FinishResult, Lease, Row
 from outbox_tasks.testing import InMemoryRelayStore, InMemoryRelayTransaction
 from tests.contract import test_relay_contract as contract
 from tests.contract.backends import MemoryBackend

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from outbox_tasks.envelope import OutboundMessage
 from outbox_tasks.publisher import BatchResult
 from outbox_tasks.relay import claim_partition
-from outbox_tasks.store.relay import Failure
+from outbox_tasks.store.records import Failure
 from outbox_tasks.testing import drain
 from tests.contract.backends import Backend, RowState, Sent
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy.engine import Engine
 
-from outbox_tasks.relay import Publisher, Relay
+from outbox_tasks.protocols import Publisher
+from outbox_tasks.relay import Relay
 from outbox_tasks.settings import Settings
 from outbox_tasks.store.relay import PostgresRelayStore
 from outbox_tasks.testing import drain

@@ -1,0 +1,59 @@
+"""The relay store's value types: what its statements take and return (no SQL here).
+
+Shared by ``store.relay`` (PostgreSQL), ``testing.InMemoryRelayStore``, the relay, metrics and
+the dead-letter store.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    partition_count: int
+    partition: int
+    slot_lo: int
+    slot_hi: int
+    epoch: int
+    owner: str
+    redeliver_ids: frozenset[uuid.UUID]
+    cursor_slot: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """One pending outbox row, as the relay needs it."""
+
+    id: uuid.UUID
+    aggregate_type: str
+    aggregate_id: str
+    event_type: str
+    payload_json: str
+    headers: dict[str, Any]
+    schema_version: int
+    seq: int
+    slot: int
+    created_at: datetime
+    retry_count: int
+
+
+@dataclass(frozen=True, slots=True)
+class Failure:
+    """A message-specific failure to record. ``delay_seconds`` None means: give up (park)."""
+
+    id: uuid.UUID
+    retry_count: int
+    error: str
+    delay_seconds: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class FinishResult:
+    fenced_ok: bool
+    marked: int
+    failed: int
+    finished_at: datetime | None
