@@ -36,6 +36,16 @@ PUBLISH_QUEUE = "outbox.publish"
 MAINTENANCE_QUEUE = "outbox.maintenance"
 QUEUES = (CLAIM_QUEUE, PUBLISH_QUEUE, MAINTENANCE_QUEUE)
 
+# Task names (contract: DESIGN 7). The tasks themselves are in outbox_tasks.tasks.
+CLAIM_TASK = "outbox.claim"
+PUBLISH_TASK = "outbox.publish"
+DEAD_LETTER_TASK = "outbox.dead_letter"
+CLEANUP_TASK = "outbox.cleanup"
+EXPORT_METRICS_TASK = "outbox.export_metrics"
+# What a worker imports on start: the tasks, and the runtime with its signals, bootstep and
+# control commands. Processes that only send tasks or read state (beat, Flower, the CLI) don't.
+WORKER_MODULES = ("outbox_tasks.tasks", "outbox_tasks.worker")
+
 
 def load_settings() -> Settings:
     """Settings for a Celery process; a bad value stops it with one line naming the variable."""
@@ -48,23 +58,23 @@ def load_settings() -> Settings:
 
 def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     return {
-        "outbox.claim": {
-            "task": "outbox.claim",
+        CLAIM_TASK: {
+            "task": CLAIM_TASK,
             "schedule": timedelta(seconds=settings.poll_interval_seconds),
             "options": {"expires": max(settings.poll_interval_seconds * 3, 1.0)},
         },
-        "outbox.export_metrics": {
-            "task": "outbox.export_metrics",
+        EXPORT_METRICS_TASK: {
+            "task": EXPORT_METRICS_TASK,
             "schedule": timedelta(seconds=settings.metrics_interval_seconds),
             "options": {"expires": settings.metrics_interval_seconds * 2},
         },
-        "outbox.cleanup": {
-            "task": "outbox.cleanup",
+        CLEANUP_TASK: {
+            "task": CLEANUP_TASK,
             "schedule": timedelta(seconds=settings.cleanup_interval_seconds),
             "options": {"expires": settings.cleanup_interval_seconds},
         },
-        "outbox.dead_letter": {
-            "task": "outbox.dead_letter",
+        DEAD_LETTER_TASK: {
+            "task": DEAD_LETTER_TASK,
             "schedule": timedelta(seconds=settings.dead_letter_interval_seconds),
             "options": {"expires": settings.dead_letter_interval_seconds * 3},
         },
@@ -75,13 +85,14 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     queues = [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES]
     return {
         "broker_url": settings.broker_url,
+        "include": list(WORKER_MODULES),
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {"visibility_timeout": 3600},
         "task_queues": queues,
         "task_default_queue": MAINTENANCE_QUEUE,
         "task_routes": {
-            "outbox.claim": {"queue": CLAIM_QUEUE},
-            "outbox.publish": {"queue": PUBLISH_QUEUE},
+            CLAIM_TASK: {"queue": CLAIM_QUEUE},
+            PUBLISH_TASK: {"queue": PUBLISH_QUEUE},
             "outbox.*": {"queue": MAINTENANCE_QUEUE},
         },
         "task_acks_late": False,
@@ -99,7 +110,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 
 
 def apply_user_config(config: dict[str, Any], module_path: str) -> dict[str, Any]:
-    """Overlay a user's Celery config module; beat entries merge by name."""
+    """Overlay a user's Celery config module; beat entries merge by name, ``include`` adds the
+    user's modules to ours (the relay's tasks stay registered)."""
     try:
         module = importlib.import_module(module_path)
     except ImportError as error:
@@ -112,13 +124,17 @@ def apply_user_config(config: dict[str, Any], module_path: str) -> dict[str, Any
             continue
         if key == "beat_schedule":
             merged["beat_schedule"] = {**config["beat_schedule"], **value}
+        elif key == "include":
+            merged["include"] = list(dict.fromkeys([*config["include"], *value]))
         else:
             merged[key] = value
     return merged
 
 
 def create_app(settings: Settings) -> Celery:
-    celery_app = Celery("outbox_tasks", include=["outbox_tasks.tasks"])
+    """The Celery app configured from ``settings`` (and OUTBOX_CELERY_CONFIG); a worker imports
+    WORKER_MODULES when it starts."""
+    celery_app = Celery("outbox_tasks")
     config = celery_config(settings)
     if settings.celery_config:
         config = apply_user_config(config, settings.celery_config)
@@ -126,6 +142,7 @@ def create_app(settings: Settings) -> Celery:
     return celery_app
 
 
+# Built once per process; the worker runtime (outbox_tasks.worker) takes them from here.
 settings = load_settings()
 try:
     app = create_app(settings)
@@ -133,6 +150,3 @@ try:
 except ConfigurationError as _error:
     sys.stderr.write(f"outbox_tasks: configuration error: {_error}\n")
     raise SystemExit(2) from None
-
-# Registers the tasks and the worker's wake-up bootstep (after `app` exists: tasks import it).
-from outbox_tasks import tasks as _tasks  # noqa: E402, F401

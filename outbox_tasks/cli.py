@@ -76,7 +76,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     import time
 
     from outbox_tasks.db import make_engine, translate_errors
-    from outbox_tasks.status import add_circuits, collect_status, render_status, worker_circuits
+    from outbox_tasks.status import add_circuits, collect_status, render_status
+    from outbox_tasks.worker import worker_circuits
 
     settings = _settings(args)
     engine = make_engine(settings, application_name="outbox_tasks.cli", pool_size=1)

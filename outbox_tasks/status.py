@@ -122,21 +122,6 @@ def collect_status(engine: Engine, settings: Settings) -> Status:
     return status
 
 
-def worker_circuits(timeout: float = 1.0) -> dict[str, bool | None] | None:
-    """Ask every running worker whether its broker circuit is open (Celery inspect)."""
-    from outbox_tasks.celery import app
-
-    try:
-        replies = app.control.broadcast("outbox_circuit", reply=True, timeout=timeout) or []
-    except Exception:  # status must work when the Celery broker does not
-        return None
-    circuits: dict[str, bool | None] = {}
-    for reply in replies:
-        for name, answer in reply.items():
-            circuits[name] = answer.get("open") if isinstance(answer, dict) else None
-    return circuits or None
-
-
 def add_circuits(status: Status, circuits: dict[str, bool | None] | None) -> None:
     status.circuits = circuits
     open_on = sorted(name for name, is_open in (circuits or {}).items() if is_open)

@@ -1,0 +1,284 @@
+"""The worker process around the tasks: its per-process runtime (engine, relay, publishers,
+rebuilt after fork), the metrics endpoint and the Celery signals that run it, the wake-up
+bootstep, and the remote-control commands (with :func:`worker_circuits`, their client side).
+
+A Celery worker imports this module on start (``outbox_tasks.celery.WORKER_MODULES``).
+Settings come from the app's module, built once per process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from celery import bootsteps
+from celery.signals import worker_init, worker_process_shutdown, worker_shutdown
+from celery.worker.control import control_command, inspect_command
+from sqlalchemy.engine import Engine
+
+from outbox_tasks.celery import PUBLISH_TASK, app, settings
+from outbox_tasks.db import make_engine
+from outbox_tasks.logs import configure, event, get_logger
+from outbox_tasks.metrics import (
+    SNAPSHOT,
+    RelayMetrics,
+    enable_multiprocess,
+    pool_gauge,
+    process_exited,
+    serve,
+)
+from outbox_tasks.publisher import BrokerPublisher
+from outbox_tasks.relay import Relay, claim_partition
+from outbox_tasks.settings import Settings
+from outbox_tasks.store.relay import Lease, PostgresRelayStore
+from outbox_tasks.wakeup import WakeupListener
+
+log = get_logger("worker")
+
+Claim = Callable[[int, int | None], Lease | None]
+"""Claims one partition: ``claim(partition, partition_count)``, the lease or None."""
+
+
+class ProcessRuntime:
+    """What one worker process uses: one engine (the relay and the maintenance tasks share it),
+    the relay, the dead-letter publisher. Built on first use and rebuilt in a forked child:
+    sockets are never shared across a fork."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._pid: int | None = None
+        self._engine: Engine | None = None
+        self._relay: Relay | None = None
+        self._dead_publisher: BrokerPublisher | None = None
+        # Kept across forks: the metric objects belong to the process registry, not a socket.
+        self._metrics: RelayMetrics | None = None
+
+    def _this_process(self) -> None:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            configure()
+            self._engine = None
+            self._relay = None
+            self._dead_publisher = None
+
+    def engine(self) -> Engine:
+        """This process's engine (a pool of two connections)."""
+        self._this_process()
+        if self._engine is None:
+            self._engine = make_engine(self.settings, pool_size=2)
+        return self._engine
+
+    def relay(self) -> Relay:
+        """This process's relay, publishing to OUTBOX_PUBLISH_URL / OUTBOX_EXCHANGE."""
+        self._this_process()
+        if self._relay is None:
+            if self._metrics is None:
+                self._metrics = RelayMetrics()
+            publisher = BrokerPublisher(
+                self.settings.effective_publish_url,
+                self.settings.exchange,
+                timeout_seconds=self.settings.broker_timeout_seconds,
+            )
+            self._relay = Relay(
+                self.settings,
+                PostgresRelayStore(self.engine()),
+                publisher,
+                owner=f"{socket.gethostname()}:{self._pid}",
+                observer=self._metrics,
+            )
+        return self._relay
+
+    def dead_publisher(self) -> BrokerPublisher:
+        """This process's publisher to the dead-letter exchange."""
+        self._this_process()
+        if self._dead_publisher is None:
+            self._dead_publisher = BrokerPublisher(
+                self.settings.effective_publish_url,
+                self.settings.dead_letter_exchange,
+                timeout_seconds=self.settings.broker_timeout_seconds,
+            )
+        return self._dead_publisher
+
+
+# The one place the worker side takes the settings from: the tasks and steps use runtime.settings.
+runtime = ProcessRuntime(settings)
+
+
+def claim_and_dispatch(
+    claim: Claim, partitions: Iterable[int], partition_count: int | None = None
+) -> list[int]:
+    """Claim each partition; enqueue an ``outbox.publish`` task for every lease granted (it
+    expires with the lease). Returns the partitions granted."""
+    granted = []
+    for partition in partitions:
+        lease = claim(partition, partition_count)
+        if lease is not None:
+            app.send_task(
+                PUBLISH_TASK,
+                args=(partition, lease.epoch, lease.partition_count),
+                expires=runtime.settings.lease_seconds,
+            )
+            granted.append(partition)
+    return granted
+
+
+# --- remote control ----------------------------------------------------------------------------
+
+SNAPSHOT_COMMAND = "outbox_metrics_snapshot"
+CIRCUIT_COMMAND = "outbox_circuit"
+
+
+@control_command(args=[("snapshot", dict)], signature="<snapshot>")
+def outbox_metrics_snapshot(state: Any, snapshot: dict[str, float]) -> dict[str, bool]:
+    """Remote control command: store the latest database snapshot for the metrics endpoint."""
+    SNAPSHOT.update(snapshot, time.time())
+    return {"ok": True}
+
+
+@inspect_command()
+def outbox_circuit(state: Any) -> dict[str, Any]:
+    """Inspect command for `outbox-tasks status`: is the broker circuit open in this worker's
+    pool? (Read from the pool's metric files, where every process records its circuit.)"""
+    directory = MetricsServer.directory
+    if directory is None:
+        return {"open": None}
+    value = pool_gauge(directory, "outbox_circuit_open")
+    return {"open": None if value is None else bool(value)}
+
+
+def broadcast_snapshot(snapshot: dict[str, float]) -> None:
+    """Send a database snapshot to every worker, whose main process serves it."""
+    app.control.broadcast(SNAPSHOT_COMMAND, arguments={"snapshot": snapshot})
+
+
+def worker_circuits(timeout: float = 1.0) -> dict[str, bool | None] | None:
+    """Ask every running worker whether its broker circuit is open: ``{worker name: open}``
+    (None for a worker that cannot tell), or None when no worker answered or the Celery
+    broker is unreachable (status must work without it)."""
+    try:
+        replies = app.control.broadcast(CIRCUIT_COMMAND, reply=True, timeout=timeout) or []
+    except Exception:
+        return None
+    circuits: dict[str, bool | None] = {}
+    for reply in replies:
+        for name, answer in reply.items():
+            circuits[name] = answer.get("open") if isinstance(answer, dict) else None
+    return circuits or None
+
+
+# --- the metrics endpoint -----------------------------------------------------------------------
+
+
+class MetricsServer:
+    """The worker's Prometheus endpoint (main process), summing the pool's metrics."""
+
+    directory: str | None = None
+
+    @classmethod
+    def start(cls, port: int) -> None:
+        if not port or cls.directory is not None:
+            return
+        cls.directory = tempfile.mkdtemp(prefix="outbox-metrics-")
+        # Before the pool forks, so every child writes its metrics where we read them.
+        enable_multiprocess(cls.directory)
+        try:
+            serve(port, cls.directory)
+        except OSError as error:
+            event(
+                log,
+                logging.WARNING,
+                "metrics_unavailable",
+                "metrics endpoint not started; publishing is not affected",
+                port=port,
+                error=str(error),
+            )
+            return
+        event(log, logging.INFO, "metrics_serving", "metrics endpoint up", port=port)
+
+    @classmethod
+    def stop(cls) -> None:
+        if cls.directory is not None:
+            shutil.rmtree(cls.directory, ignore_errors=True)
+            cls.directory = None
+
+
+@worker_init.connect
+def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
+    configure()
+    try:
+        MetricsServer.start(runtime.settings.metrics_port)
+    except Exception as error:
+        event(log, logging.WARNING, "metrics_unavailable", "metrics setup failed", error=str(error))
+
+
+@worker_process_shutdown.connect
+def _on_pool_process_exit(pid: int | None = None, **kwargs: Any) -> None:
+    if MetricsServer.directory is not None:
+        with contextlib.suppress(Exception):
+            process_exited(os.getpid())
+
+
+@worker_shutdown.connect
+def _on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
+    MetricsServer.stop()
+
+
+# --- the wake-up bootstep -----------------------------------------------------------------------
+
+
+def claimer(settings: Settings, engine: Engine, owner: str) -> Claim:
+    """Claims for the wake-up listener, which only claims (publish tasks publish): no relay,
+    no publisher, the relay's claim on ``engine``."""
+    store = PostgresRelayStore(engine)
+
+    def claim(partition: int, partition_count: int | None) -> Lease | None:
+        return claim_partition(
+            store, settings, owner=owner, partition=partition, partition_count=partition_count
+        )
+
+    return claim
+
+
+class WakeupStep(bootsteps.StartStopStep):  # type: ignore[misc]
+    """Runs the NOTIFY listener in the worker's main process (OUTBOX_WAKEUP_ENABLED)."""
+
+    requires = {"celery.worker.components:Pool"}
+
+    def __init__(self, worker: Any, **kwargs: Any) -> None:
+        self.listener: WakeupListener | None = None
+        self.engine: Engine | None = None
+
+    def start(self, worker: Any) -> None:
+        settings = runtime.settings
+        if not settings.wakeup_enabled:
+            return
+        configure()
+        self.engine = make_engine(settings, pool_size=1, application_name="outbox_tasks.wakeup")
+        claim = claimer(settings, self.engine, f"{socket.gethostname()}:{os.getpid()}:wakeup")
+
+        def on_partitions(partitions: set[int]) -> None:
+            claim_and_dispatch(claim, sorted(partitions))
+
+        self.listener = WakeupListener(
+            settings.libpq_url,
+            settings.partitions,
+            on_partitions,
+            debounce_seconds=settings.wakeup_debounce_seconds,
+        )
+        self.listener.start()
+
+    def stop(self, worker: Any) -> None:
+        if self.listener is not None:
+            self.listener.stop()
+        if self.engine is not None:
+            self.engine.dispose()
+
+
+app.steps["worker"].add(WakeupStep)
