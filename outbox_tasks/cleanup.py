@@ -23,9 +23,7 @@ database (a session advisory lock, held by an idle connection, not a transaction
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import logging
 import time
 from collections import Counter
@@ -40,7 +38,7 @@ from sqlalchemy.engine import Connection, Engine
 from outbox_tasks.archive import archive_batch, archive_directory, write_archive_file
 from outbox_tasks.errors import ConfigurationError
 from outbox_tasks.logs import event, get_logger
-from outbox_tasks.settings import Settings, env_var
+from outbox_tasks.settings import Settings
 from outbox_tasks.store import reports
 from outbox_tasks.store.cleanup import (
     PUBLISHED,
@@ -402,89 +400,3 @@ def _log_done(result: CleanupReport) -> None:
         seconds=round(result.seconds, 3),
         complete=result.complete,
     )
-
-
-# --- command line -----------------------------------------------------------------------------
-
-
-def _positive_seconds(raw: str) -> float:
-    try:
-        value = float(raw)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {raw!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {raw!r}")
-    return value
-
-
-def add_cleanup_parser(sub: Any) -> None:
-    """``outbox-tasks cleanup [--dry-run] [--max-seconds N] [--json]``."""
-    cleanup = sub.add_parser(
-        "cleanup",
-        help="remove published rows (per OUTBOX_CLEANUP_MODE), old consumer receipts and "
-        "resolved dead letters, in short batches",
-    )
-    cleanup.add_argument("--database-url", help=f"PostgreSQL URL (env {env_var('database_url')})")
-    cleanup.add_argument(
-        "--dry-run", action="store_true", help="count what would be removed; change nothing"
-    )
-    cleanup.add_argument(
-        "--max-seconds",
-        type=_positive_seconds,
-        default=None,
-        help="stop after this many seconds (the next run goes on); default: until done",
-    )
-    cleanup.add_argument("--json", action="store_true", help="machine-readable output")
-    cleanup.set_defaults(func=cmd_cleanup)
-
-
-def cmd_cleanup(args: argparse.Namespace) -> int:
-    from outbox_tasks.db import make_engine, translate_errors
-
-    overrides: dict[str, Any] = {}
-    if getattr(args, "database_url", None):
-        overrides["database_url"] = args.database_url
-    settings = Settings.from_env(**overrides)
-    engine = make_engine(settings, application_name="outbox_tasks.cleanup", pool_size=1)
-    try:
-        with translate_errors("cleanup"):
-            result = run_cleanup(
-                engine, settings, dry_run=args.dry_run, max_seconds=args.max_seconds
-            )
-            health = table_health(engine)
-    finally:
-        engine.dispose()
-    if args.json:
-        print(json.dumps({**result.as_dict(), "table": health}, indent=2, default=str))
-    else:
-        print(render_report(result, health))
-    return 0
-
-
-def render_report(result: CleanupReport, health: dict[str, Any]) -> str:
-    """The short human report of ``outbox-tasks cleanup``."""
-    if result.skipped:
-        return "cleanup: skipped, another cleanup run is in progress on this database"
-    verb = "would remove" if result.dry_run else "removed"
-    kind = f"{result.mode}, dry run" if result.dry_run else result.mode
-    cutoff = result.outbox_cutoff.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    lines = [
-        f"cleanup ({kind}): {verb} {result.outbox_rows} outbox rows published before {cutoff}, "
-        f"{result.receipt_rows} consumer receipts, {result.dead_letter_rows} resolved dead letters"
-    ]
-    if result.mode == "archive" and not result.dry_run:
-        lines.append(
-            f"archive: {result.archived_rows} rows in {len(result.archive_files)} files"
-            + (f", last {result.archive_files[-1]}" if result.archive_files else "")
-        )
-    if not result.dry_run:
-        state = "done" if result.complete else "stopped at --max-seconds; the next run goes on"
-        lines.append(f"{result.batches} batches in {result.seconds:.1f} s, {state}")
-    if health:
-        lines.append(
-            f"outbox table: ~{health['n_live_tup']} live, ~{health['n_dead_tup']} dead tuples, "
-            f"{health['total_bytes'] / 1048576:.1f} MiB, "
-            f"last autovacuum {health['last_autovacuum'] or 'never'}, "
-            f"last vacuum {health['last_vacuum'] or 'never'}"
-        )
-    return "\n".join(lines)

@@ -37,7 +37,7 @@ Modules, lowest first; each imports only modules listed above it (no cycles)::
     admin       lag, dead letters waiting, parked aggregates, unpark
     replay      dead letters back to the group's queues
     runner      the process: :class:`Consumer`
-    cli         ``outbox-tasks consume`` and the admin commands
+    __main__    ``python -m outbox_tasks.consumer``: the commands of outbox_tasks.cli
 
 Import from ``outbox_tasks.consumer``: the names in ``__all__`` are the API (also the one
 ``outbox_tasks.consumer_celery`` is built on).
@@ -52,7 +52,6 @@ from outbox_tasks.consumer.brokers import (
     delete_topology,
     kombu_queues,
 )
-from outbox_tasks.consumer.cli import add_consume_parser, main, run_consume
 from outbox_tasks.consumer.events import Event, EventHandler, parse_event
 from outbox_tasks.consumer.group import QUEUE_PREFIX, ConsumerGroup, load_handler
 from outbox_tasks.consumer.locks import INSTANCE_BASE, INSTANCE_SPAN, MEMBER_BASE, group_lock_key
@@ -121,7 +120,6 @@ __all__ = [
     "OnDelivery",
     "ParkedAggregate",
     "PartitionLost",
-    "add_consume_parser",
     "dead_letter_count",
     "declare_topology",
     "default_metrics",
@@ -130,10 +128,8 @@ __all__ = [
     "kombu_queues",
     "lag",
     "load_handler",
-    "main",
     "parked_aggregates",
     "parse_event",
     "replay_dead_letters",
-    "run_consume",
     "unpark",
 ]

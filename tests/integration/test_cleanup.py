@@ -4,7 +4,6 @@ walk the published index, receipts and resolved dead letters are purged."""
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import logging
@@ -23,6 +22,7 @@ from sqlalchemy.engine import Connection, Engine
 
 from outbox_tasks import archive, cleanup
 from outbox_tasks.cleanup import CleanupReport, run_cleanup, table_health
+from outbox_tasks.cli import main
 from outbox_tasks.errors import ConfigurationError
 from outbox_tasks.settings import Settings
 from outbox_tasks.store import cleanup as store_cleanup
@@ -650,23 +650,19 @@ def test_the_cleanup_command_prints_a_report(
 ) -> None:
     add_rows(engine, aged(now, 9, 10, None))
     monkeypatch.setenv("OUTBOX_DATABASE_URL", settings.database_url)
-    parser = argparse.ArgumentParser()
-    cleanup.add_cleanup_parser(parser.add_subparsers())
 
-    dry = parser.parse_args(["cleanup", "--dry-run", "--json"])
-    assert dry.func(dry) == 0
+    assert main(["cleanup", "--dry-run", "--json"]) == 0
     counted = json.loads(capsys.readouterr().out)
     assert (counted["dry_run"], counted["outbox_rows"]) == (True, 2)
     assert {"n_dead_tup", "n_live_tup"} <= set(counted["table"])
 
-    real = parser.parse_args(["cleanup", "--max-seconds", "60"])
-    assert real.func(real) == 0
+    assert main(["cleanup", "--max-seconds", "60"]) == 0
     out = capsys.readouterr().out
     assert "removed 2 outbox rows" in out and "outbox table:" in out
     assert len(outbox_ids(engine)) == 1
 
     with pytest.raises(SystemExit):
-        parser.parse_args(["cleanup", "--max-seconds", "0"])
+        main(["cleanup", "--max-seconds", "0"])
 
 
 def test_the_documented_psql_restore_puts_archived_rows_back(

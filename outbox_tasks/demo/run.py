@@ -2,7 +2,7 @@
 
 Services: when ``OUTBOX_DATABASE_URL`` is not set it starts an embedded PostgreSQL, when
 ``OUTBOX_BROKER_URL`` is not set an embedded Redis-compatible server (fakeredis); see
-:mod:`outbox_tasks.embedded`. With the variables set it uses those services.
+:mod:`outbox_tasks.demo.embedded`. With the variables set it uses those services.
 
 It creates the database if needed, migrates it, starts real Celery workers (with the metrics
 endpoint), beat and Flower, writes orders (business row + outbox row in one transaction),
@@ -13,83 +13,51 @@ arrived, in order per aggregate, and removes the embedded services and their dat
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import dataclasses
 import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import BigInteger, Numeric, Text, Uuid
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-
-from outbox_tasks.embedded import EmbeddedServices, Guard, free_port, no_interrupts
+from outbox_tasks.demo.embedded import EmbeddedServices
+from outbox_tasks.demo.environment import (
+    celery_env,
+    ensure_database,
+    scrape,
+    sigterm_as_interrupt,
+    usable_port,
+    wait_ready,
+)
+from outbox_tasks.demo.guard import Guard
+from outbox_tasks.demo.models import DemoBase, DemoOrder, DemoShipment
+from outbox_tasks.demo.processes import no_interrupts
 from outbox_tasks.settings import Settings, env_var
 
 
-class DemoBase(DeclarativeBase):
-    pass
+@dataclasses.dataclass(frozen=True)
+class DemoOptions:
+    """What ``outbox-tasks demo`` was asked for."""
 
-
-class DemoShipment(DemoBase):
-    """The demo consumer group's effect: one shipment per event, never two."""
-
-    __tablename__ = "demo_shipment"
-    event_id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
-    order_id: Mapped[int] = mapped_column(BigInteger)
-    event_type: Mapped[str] = mapped_column(Text)
-
-
-class DemoOrder(DemoBase):
-    """The demo application's business table."""
-
-    __tablename__ = "demo_order"
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
-    customer: Mapped[str] = mapped_column(Text)
-    amount: Mapped[Decimal] = mapped_column(Numeric(10, 2))
-
-
-def add_demo_parser(sub: Any) -> None:
-    demo = sub.add_parser(
-        "demo",
-        help="run workers, beat, Flower, a producer and a consumer, with live progress",
-    )
-    demo.add_argument(
-        "--duration",
-        type=float,
-        default=0,
-        help="seconds to produce before draining and stopping (0: until Ctrl-C)",
-    )
-    demo.add_argument(
-        "--rate",
-        type=float,
-        default=40,
-        # The demo's single consumer process (one transaction per event, against an embedded
-        # Python Redis) handles about 100 events/s; stay below so latency shows the relay.
-        help="orders per second, 2 events each (default 40)",
-    )
-    demo.add_argument("--workers", type=int, default=2, help="worker processes (default 2)")
-    demo.add_argument(
-        "--flower-port",
-        type=int,
-        default=None,
-        help="Flower port (default 5555, or a free port when 5555 is taken; 0: no Flower)",
-    )
-    demo.add_argument("--no-tty", action="store_true", help="plain progress lines, no redraw")
-    demo.set_defaults(func=run_demo)
+    duration: float = 0.0
+    """Seconds to produce before draining and stopping (0: until Ctrl-C)."""
+    rate: float = 40.0
+    """Orders per second, two events each."""
+    workers: int = 2
+    """Celery worker processes."""
+    flower_port: int | None = None
+    """Flower's port; None: 5555, or a free port when 5555 is taken; 0: no Flower."""
+    no_tty: bool = False
+    """Plain progress lines, no redraw."""
 
 
 @dataclasses.dataclass
@@ -102,117 +70,12 @@ class _Tally:
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
 
-def _ensure_database(settings: Settings) -> None:
-    """Create the configured database when the server is there but the database is not."""
-    import psycopg
-    from psycopg import sql
-
-    try:
-        psycopg.connect(settings.libpq_url, connect_timeout=5).close()
-        return
-    except psycopg.OperationalError as error:
-        if "does not exist" not in str(error):
-            raise SystemExit(
-                f"outbox-tasks demo: cannot reach PostgreSQL at {env_var('database_url')}: "
-                f"{str(error).strip()}\nStart PostgreSQL or point {env_var('database_url')} at "
-                "one (README: 'Run the demo')."
-            ) from None
-    info = psycopg.conninfo.conninfo_to_dict(settings.libpq_url)
-    name = str(info.get("dbname"))
-    info["dbname"] = "postgres"
-    admin = psycopg.conninfo.make_conninfo("", **{k: str(v) for k, v in info.items() if v})
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    print(f"created database {name}")
-
-
-def _celery_env(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
-    env.update(settings.to_env())
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("0.0.0.0", port))
-        except OSError:
-            return False
-    return True
-
-
-def _usable_port(port: int, what: str, explicit: bool) -> int:
-    """``port``, or a free one when ``port`` is taken and was not asked for explicitly."""
-    if port == 0 or _port_free(port):
-        return port
-    if explicit:
-        raise SystemExit(f"outbox-tasks demo: {what} port {port} is in use; choose another one")
-    other = free_port()
-    print(f"{what}: port {port} is in use, using {other}")
-    return other
-
-
-def _scrape(port: int, name: str) -> float | None:
-    """The sum of metric ``name`` on the workers' endpoint, or None if it does not answer."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            body = response.read().decode()
-    except OSError:
-        return None
-    total = None
-    for line in body.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
-    return total
-
-
-@contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM stops the demo like Ctrl-C does (cleanly), e.g. from a CI timeout or kill."""
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _wait_ready(procs: list[tuple[str, subprocess.Popen[bytes]]], workdir: Path) -> None:
-    """Until the worker logs 'ready.' and beat has started, so the first orders do not queue
-    up behind the workers' start (which would show as seconds of latency)."""
-    markers = {"worker": "ready.", "beat": "beat: Starting..."}
-    waiting = {name for name, _ in procs if name in markers}
-    started = time.monotonic()
-    print("waiting for the worker and beat to be ready...", flush=True)
-    while waiting and time.monotonic() - started < 120:
-        for name, proc in procs:
-            if proc.poll() is not None:
-                raise SystemExit(
-                    f"outbox-tasks demo: {name} exited; see {workdir / (name + '.log')}"
-                )
-            if name in waiting:
-                log = (workdir / f"{name}.log").read_text(errors="replace")
-                if markers[name] in log:
-                    waiting.discard(name)
-        time.sleep(0.2)
-    if waiting:
-        print(f"still not ready after 120s: {', '.join(sorted(waiting))}; starting anyway")
-    else:
-        print(f"ready in {time.monotonic() - started:.1f}s")
-
-
-def run_demo(args: argparse.Namespace) -> int:
-    settings = Settings.from_env()  # every OUTBOX_* value checked before anything starts
+def run_demo(settings: Settings, options: DemoOptions) -> int:
+    """Run the demo with ``settings`` (loaded, so checked, before anything starts); its exit
+    code: 0 when every event written arrived in order (or a second Ctrl-C cut it short)."""
     embed_db = not os.environ.get(env_var("database_url"), "").strip()
     embed_broker = not os.environ.get(env_var("broker_url"), "").strip()
-    with _sigterm_as_interrupt():
+    with sigterm_as_interrupt():
         guard = Guard()
         try:
             if not (embed_db or embed_broker):
@@ -220,7 +83,7 @@ def run_demo(args: argparse.Namespace) -> int:
                     f"services: {env_var('database_url')} and {env_var('broker_url')} "
                     "(no embedded services)"
                 )
-                return _run(args, settings, guard)
+                return _run(options, settings, guard)
             print(
                 "services: embedded "
                 + " and ".join(
@@ -238,7 +101,7 @@ def run_demo(args: argparse.Namespace) -> int:
                     changes["database_url"] = services.database_url
                 if services.broker_url:
                     changes["broker_url"] = services.broker_url
-                return _run(args, settings.with_changes(**changes), guard)
+                return _run(options, settings.with_changes(**changes), guard)
             finally:
                 services.stop()
                 print("embedded services stopped, their data removed")
@@ -246,11 +109,11 @@ def run_demo(args: argparse.Namespace) -> int:
             guard.close()
 
 
-def _run(args: argparse.Namespace, settings: Settings, guard: Guard) -> int:
+def _run(options: DemoOptions, settings: Settings, guard: Guard) -> int:
     from sqlalchemy import event as sqlalchemy_event
     from sqlalchemy.orm import Session
 
-    from outbox_tasks.cli import _alembic_config
+    from outbox_tasks import migrate
     from outbox_tasks.consumer import (
         Consumer,
         ConsumerGroup,
@@ -260,21 +123,20 @@ def _run(args: argparse.Namespace, settings: Settings, guard: Guard) -> int:
     )
     from outbox_tasks.db import make_engine
     from outbox_tasks.schema import OutboxMessage
+    from outbox_tasks.store.events import pending_count
 
     explicit_metrics = bool(os.environ.get(env_var("metrics_port"), "").strip())
-    metrics_port = _usable_port(settings.metrics_port, "metrics", explicit_metrics)
+    metrics_port = usable_port(settings.metrics_port, "metrics", explicit_metrics)
     if metrics_port != settings.metrics_port:
         settings = settings.with_changes(metrics_port=metrics_port)
-    flower_port = _usable_port(
-        5555 if args.flower_port is None else args.flower_port,
+    flower_port = usable_port(
+        5555 if options.flower_port is None else options.flower_port,
         "Flower",
-        explicit=args.flower_port is not None,
+        explicit=options.flower_port is not None,
     )
 
-    _ensure_database(settings)
-    from alembic import command
-
-    command.upgrade(_alembic_config(settings), "head")
+    ensure_database(settings)
+    migrate.upgrade(settings, "head")
     print("database migrated")
 
     engine = make_engine(settings, application_name="outbox_tasks.demo")
@@ -282,7 +144,7 @@ def _run(args: argparse.Namespace, settings: Settings, guard: Guard) -> int:
 
     workdir = Path(tempfile.mkdtemp(prefix="outbox-demo-"))
     guard.remove(workdir)
-    env = _celery_env(settings)
+    env = celery_env(settings)
     celery = [sys.executable, "-m", "celery", "-A", "outbox_tasks"]
     procs: list[tuple[str, subprocess.Popen[bytes]]] = []
 
@@ -335,7 +197,7 @@ def _run(args: argparse.Namespace, settings: Settings, guard: Guard) -> int:
     consumer = threading.Thread(target=group_consumer.run, args=(stop_consuming,), daemon=True)
 
     def produce() -> None:
-        interval = 1.0 / max(args.rate, 0.1)
+        interval = 1.0 / max(options.rate, 0.1)
         next_at = time.monotonic()
         n = 0
         while not stop_producing.is_set():
@@ -373,14 +235,8 @@ def _run(args: argparse.Namespace, settings: Settings, guard: Guard) -> int:
     previous = (started, 0)
 
     def pending() -> int:
-        from sqlalchemy import text
-
         with engine.connect() as conn:
-            return int(
-                conn.execute(
-                    text("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-                ).scalar_one()
-            )
+            return pending_count(conn)
 
     def progress(final: bool = False) -> None:
         nonlocal previous
@@ -398,7 +254,7 @@ def _run(args: argparse.Namespace, settings: Settings, guard: Guard) -> int:
             f"dup={group_consumer.outcomes['duplicate']} "
             f"order-violations={tally.order_violations}"
         )
-        if args.no_tty or final or not sys.stdout.isatty():
+        if options.no_tty or final or not sys.stdout.isatty():
             print(line, flush=True)
         else:
             print("\r" + line.ljust(120), end="", flush=True)
@@ -410,7 +266,7 @@ def _run(args: argparse.Namespace, settings: Settings, guard: Guard) -> int:
             raise SystemExit("outbox-tasks demo: the consumer group could not start")
         spawn(
             "worker",
-            [*celery, "worker", "-c", str(args.workers), "-n", "demo@%h", "--loglevel", "INFO"],
+            [*celery, "worker", "-c", str(options.workers), "-n", "demo@%h", "--loglevel", "INFO"],
         )
         spawn("beat", [*celery, "beat", "--loglevel", "INFO", "-s", str(workdir / "beat-schedule")])
         if settings.metrics_port:
@@ -431,16 +287,16 @@ def _run(args: argparse.Namespace, settings: Settings, guard: Guard) -> int:
             )
             print(f"Flower: http://127.0.0.1:{flower_port}  (user demo, password {password})")
         print(f"logs: {workdir}")
-        _wait_ready(procs, workdir)
+        wait_ready(procs, workdir)
         print(
-            f"producing {args.rate:g} orders/s (2 events each)"
-            + (f" for {args.duration:g}s" if args.duration > 0 else "; Ctrl-C stops"),
+            f"producing {options.rate:g} orders/s (2 events each)"
+            + (f" for {options.duration:g}s" if options.duration > 0 else "; Ctrl-C stops"),
             flush=True,
         )
         started = time.monotonic()
         previous = (started, 0)
         producer.start()
-        while args.duration <= 0 or time.monotonic() - started < args.duration:
+        while options.duration <= 0 or time.monotonic() - started < options.duration:
             time.sleep(1.0)
             progress()
             for name, proc in procs:
@@ -469,7 +325,7 @@ def _run(args: argparse.Namespace, settings: Settings, guard: Guard) -> int:
         with no_interrupts():
             progress(final=True)
             if settings.metrics_port and procs:
-                published_metric = _scrape(settings.metrics_port, "outbox_messages_published_total")
+                published_metric = scrape(settings.metrics_port, "outbox_messages_published_total")
             for _name, proc in procs:
                 if proc.poll() is None:
                     proc.send_signal(signal.SIGTERM)
