@@ -3,9 +3,11 @@ Each command returns its exit code."""
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -38,53 +40,77 @@ def _engine(database_url: str | None) -> Iterator[Engine]:
         engine.dispose()
 
 
-def _filter_options(command: F) -> F:
-    for option in reversed(
-        (
-            click.option("--aggregate", help="TYPE/ID, e.g. Order/42"),
-            click.option("--aggregate-type", help="e.g. Order"),
-            click.option("--event-type", help="e.g. OrderPaid"),
-            click.option("--since", help="dead-lettered at or after (ISO 8601)"),
+@dataclass(frozen=True)
+class FilterOptions:
+    """Which dead letters a command is about, as typed on the command line."""
+
+    aggregate: str | None = None
+    aggregate_type: str | None = None
+    event_type: str | None = None
+    since: str | None = None
+    ids: tuple[str, ...] = ()
+    everything: bool = False
+
+    def filters(self) -> Filters:
+        """The dead-letter filters. Raises ConfigurationError for a malformed ``--since`` or
+        ``--aggregate``, InvalidMessage for an id that is not a UUID."""
+        from outbox_tasks.deadletter import Filters, parse_ids
+
+        since_at = None
+        if self.since:
+            try:
+                since_at = datetime.fromisoformat(self.since)
+            except ValueError:
+                raise ConfigurationError(
+                    f"--since {self.since!r} is not a date: use ISO 8601, e.g. 2026-11-28T09:00"
+                ) from None
+        one_type = one_id = None
+        if self.aggregate:
+            one_type, sep, one_id = self.aggregate.partition("/")
+            if not sep or not one_type or not one_id:
+                raise ConfigurationError(
+                    f"--aggregate {self.aggregate!r}: expected TYPE/ID, e.g. Order/42"
+                )
+        return Filters(
+            ids=parse_ids(list(self.ids)),
+            aggregate_type=one_type or self.aggregate_type,
+            aggregate_id=one_id,
+            event_type=self.event_type,
+            since=since_at,
+            everything=self.everything,
         )
-    ):
-        command = option(command)
-    return command
 
 
-def filters(
-    *,
-    ids: tuple[str, ...] = (),
-    aggregate: str | None = None,
-    aggregate_type: str | None = None,
-    event_type: str | None = None,
-    since: str | None = None,
-    everything: bool = False,
-) -> Filters:
-    """The dead-letter filters the options describe. Raises ConfigurationError for a
-    malformed ``--since`` or ``--aggregate``, InvalidMessage for an id that is not a UUID."""
-    from outbox_tasks.deadletter import Filters, parse_ids
+def _filter_options(*, ids: bool) -> Callable[[F], F]:
+    """Add the filter options (and, with ``ids``, the ids and ``--all``); the command receives
+    them as one ``chosen: FilterOptions``."""
+    options = [
+        click.option("--aggregate", help="TYPE/ID, e.g. Order/42"),
+        click.option("--aggregate-type", help="e.g. Order"),
+        click.option("--event-type", help="e.g. OrderPaid"),
+        click.option("--since", help="dead-lettered at or after (ISO 8601)"),
+    ]
+    if ids:
+        options.append(click.argument("ids", nargs=-1))
+        options.append(
+            click.option(
+                "--all", "everything", is_flag=True, help="every dead letter the filters match"
+            )
+        )
+    names = ("aggregate", "aggregate_type", "event_type", "since", "ids", "everything")
 
-    since_at = None
-    if since:
-        try:
-            since_at = datetime.fromisoformat(since)
-        except ValueError:
-            raise ConfigurationError(
-                f"--since {since!r} is not a date: use ISO 8601, e.g. 2026-11-28T09:00"
-            ) from None
-    one_type = one_id = None
-    if aggregate:
-        one_type, sep, one_id = aggregate.partition("/")
-        if not sep or not one_type or not one_id:
-            raise ConfigurationError(f"--aggregate {aggregate!r}: expected TYPE/ID, e.g. Order/42")
-    return Filters(
-        ids=parse_ids(list(ids)),
-        aggregate_type=one_type or aggregate_type,
-        aggregate_id=one_id,
-        event_type=event_type,
-        since=since_at,
-        everything=everything,
-    )
+    def decorate(command: F) -> F:
+        @functools.wraps(command)
+        def with_filters(**kwargs: Any) -> Any:
+            given = {name: kwargs.pop(name) for name in names if name in kwargs}
+            return command(chosen=FilterOptions(**given), **kwargs)
+
+        decorated: Any = with_filters
+        for option in reversed(options):
+            decorated = option(decorated)
+        return decorated  # type: ignore[no-any-return]
+
+    return decorate
 
 
 @click.group("dlq", cls=CommandList, help="dead letters: list, show, replay, discard, history")
@@ -94,7 +120,7 @@ def dlq() -> None:
 
 @dlq.command("list", help="dead letters, oldest first")
 @database_url_option()
-@_filter_options
+@_filter_options(ids=False)
 @click.option(
     "--status",
     default="parked",
@@ -106,10 +132,7 @@ def dlq() -> None:
 def list_command(
     *,
     database_url: str | None,
-    aggregate: str | None,
-    aggregate_type: str | None,
-    event_type: str | None,
-    since: str | None,
+    chosen: FilterOptions,
     status: str,
     limit: int,
     offset: int,
@@ -120,12 +143,7 @@ def list_command(
     with _engine(database_url) as engine:
         rows = deadletter.list_dead_letters(
             engine,
-            filters(
-                aggregate=aggregate,
-                aggregate_type=aggregate_type,
-                event_type=event_type,
-                since=since,
-            ),
+            chosen.filters(),
             status=None if status == "any" else status,
             limit=limit,
             offset=offset,
@@ -176,30 +194,18 @@ def _default_actor() -> str:
 
 
 def _change_options(*, reason_required: bool) -> Callable[[F], F]:
-    """What replay and discard share: the ids, the filters, the audit trail, the safety."""
+    """What replay and discard share: the filters and ids, the safety, the audit trail."""
+    options = (
+        database_url_option(),
+        _filter_options(ids=True),
+        click.option("--dry-run", is_flag=True, help="show what would change"),
+        click.option("--yes", is_flag=True, help="do not ask for confirmation"),
+        click.option("--actor", default=_default_actor, help="recorded in the audit trail"),
+        click.option("--reason", required=reason_required, help="recorded in the audit trail"),
+    )
 
     def decorate(command: F) -> F:
-        for option in reversed(
-            (
-                database_url_option(),
-                _filter_options,
-                click.argument("ids", nargs=-1),
-                click.option(
-                    "--all", "everything", is_flag=True, help="every dead letter the filters match"
-                ),
-                click.option("--dry-run", is_flag=True, help="show what would change"),
-                click.option("--yes", is_flag=True, help="do not ask for confirmation"),
-                click.option(
-                    "--actor",
-                    default=_default_actor,
-                    show_default=False,
-                    help="recorded in the audit trail",
-                ),
-                click.option(
-                    "--reason", required=reason_required, help="recorded in the audit trail"
-                ),
-            )
-        ):
+        for option in reversed(options):
             command = option(command)
         return command
 
@@ -212,12 +218,7 @@ def _change_options(*, reason_required: bool) -> Callable[[F], F]:
 def replay_command(
     *,
     database_url: str | None,
-    aggregate: str | None,
-    aggregate_type: str | None,
-    event_type: str | None,
-    since: str | None,
-    ids: tuple[str, ...],
-    everything: bool,
+    chosen: FilterOptions,
     dry_run: bool,
     yes: bool,
     actor: str,
@@ -227,20 +228,13 @@ def replay_command(
     from outbox_tasks import deadletter
 
     with _engine(database_url) as engine:
-        chosen = filters(
-            ids=ids,
-            aggregate=aggregate,
-            aggregate_type=aggregate_type,
-            event_type=event_type,
-            since=since,
-            everything=everything,
-        )
-        if chosen.everything and not confirm(
+        filters = chosen.filters()
+        if filters.everything and not confirm(
             "Replay every matching dead letter?", yes=yes, dry_run=dry_run
         ):
             return 1
         result = deadletter.replay(
-            engine, chosen, actor=actor, reason=reason, dry_run=dry_run, rate_per_second=rate
+            engine, filters, actor=actor, reason=reason, dry_run=dry_run, rate_per_second=rate
         )
     print(json.dumps(result.as_dict(), indent=2))
     return 0
@@ -251,12 +245,7 @@ def replay_command(
 def discard_command(
     *,
     database_url: str | None,
-    aggregate: str | None,
-    aggregate_type: str | None,
-    event_type: str | None,
-    since: str | None,
-    ids: tuple[str, ...],
-    everything: bool,
+    chosen: FilterOptions,
     dry_run: bool,
     yes: bool,
     actor: str,
@@ -265,18 +254,11 @@ def discard_command(
     from outbox_tasks import deadletter
 
     with _engine(database_url) as engine:
-        chosen = filters(
-            ids=ids,
-            aggregate=aggregate,
-            aggregate_type=aggregate_type,
-            event_type=event_type,
-            since=since,
-            everything=everything,
-        )
+        filters = chosen.filters()
         if not confirm(
             "Discard the matching dead letters (they will not be sent)?", yes=yes, dry_run=dry_run
         ):
             return 1
-        result = deadletter.discard(engine, chosen, actor=actor, reason=reason, dry_run=dry_run)
+        result = deadletter.discard(engine, filters, actor=actor, reason=reason, dry_run=dry_run)
     print(json.dumps(result.as_dict(), indent=2))
     return 0
