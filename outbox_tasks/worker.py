@@ -37,7 +37,8 @@ from outbox_tasks.metrics import (
 from outbox_tasks.publisher import BrokerPublisher
 from outbox_tasks.relay import Relay, claim_partition
 from outbox_tasks.settings import Settings
-from outbox_tasks.store.relay import Lease, PostgresRelayStore
+from outbox_tasks.store.records import Lease
+from outbox_tasks.store.relay import PostgresRelayStore
 from outbox_tasks.wakeup import WakeupListener
 
 log = get_logger("worker")
