@@ -11,5 +11,7 @@ echo "== ruff"
 "$VENV/bin/ruff" format --check outbox_tasks tests migrations
 echo "== mypy (strict)"
 "$VENV/bin/mypy" outbox_tasks
+echo "== import-linter (layers, no cycles; contracts in pyproject.toml)"
+"$VENV/bin/lint-imports"
 echo "== pytest"
 exec "$VENV/bin/pytest" "$@"

@@ -112,7 +112,8 @@ class LeaseRecord:
 
 
 class InMemoryRelayStore:
-    """The relay's store in memory (``protocols.RelayStore``). Thread-safe: one transaction at a time.
+    """The relay's store in memory (``protocols.RelayStore``). Thread-safe: one transaction at
+    a time.
 
     ``clock`` gives the time in seconds; leases expire and backoffs end by it (share it with the
     ``Relay``). Records are immutable snapshots: read them with :meth:`rows` and :meth:`row`.
