@@ -2,9 +2,11 @@
 
 - ``relay``: leases and batches (the hot path), and ``PostgresRelayStore``, the relay's store on
   PostgreSQL (``protocols.RelayStore``; ``testing.InMemoryRelayStore`` is its in-memory twin).
+- ``records``: the relay store's value types (``Lease``, ``Row``, ``Failure``, ``FinishResult``).
 - ``deadletter``: recording, reading and resolving dead letters, and their audit trail.
 - ``cleanup``: bounded deletes of aged rows, the archive read, the per-database lock.
 - ``reports``: read-only queries for status, metrics and counts.
+- ``events``: the event catalog (``outbox-tasks events``) and the demo's statements.
 
 Consumer SQL lives in ``consumer/store.py``.
 """
