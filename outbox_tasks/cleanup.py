@@ -36,6 +36,10 @@ from typing import Any, NamedTuple
 from sqlalchemy.engine import Connection, Engine
 
 from outbox_tasks.archive import archive_batch, archive_directory, write_archive_file
+
+# Documented here before archive.py existed: restore scripts import it from this module. The
+# redundant alias is the explicit re-export type checkers (mypy strict) accept.
+from outbox_tasks.archive import read_archive_file as read_archive_file  # noqa: PLC0414
 from outbox_tasks.errors import ConfigurationError
 from outbox_tasks.logs import event, get_logger
 from outbox_tasks.settings import Settings
