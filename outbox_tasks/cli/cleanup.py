@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 @click.option("--dry-run", is_flag=True, help="count what would be removed; change nothing")
 @click.option(
     "--max-seconds",
+    metavar="SECONDS",
     callback=positive_seconds,
     default=None,
     help="stop after this many seconds (the next run goes on); default: until done",
@@ -42,13 +43,12 @@ def cleanup_command(
     from outbox_tasks.db import translate_errors
 
     settings = settings_from_options(database_url=database_url)
-    engine = cli_engine(settings, application_name="outbox_tasks.cleanup")
-    try:
-        with translate_errors("cleanup"):
-            result = run_cleanup(engine, settings, dry_run=dry_run, max_seconds=max_seconds)
-            health = table_health(engine)
-    finally:
-        engine.dispose()
+    with (
+        cli_engine(settings, application_name="outbox_tasks.cleanup") as engine,
+        translate_errors("cleanup"),
+    ):
+        result = run_cleanup(engine, settings, dry_run=dry_run, max_seconds=max_seconds)
+        health = table_health(engine)
     if as_json:
         print(json.dumps({**result.as_dict(), "table": health}, indent=2, default=str))
     else:

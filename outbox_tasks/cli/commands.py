@@ -56,8 +56,7 @@ def status_command(
     from outbox_tasks.status import add_circuits, collect_status, render_status
 
     settings = settings_from_options(database_url=database_url)
-    engine = cli_engine(settings)
-    try:
+    with cli_engine(settings) as engine:
         while True:
             with translate_errors("status"):
                 status = collect_status(engine, settings)
@@ -75,8 +74,6 @@ def status_command(
             if not watch:
                 break
             time.sleep(watch)
-    finally:
-        engine.dispose()
     return 0 if status.healthy else 1
 
 
@@ -95,12 +92,12 @@ def events_command(database_url: str | None, since_seconds: float, as_json: bool
     from outbox_tasks.db import translate_errors
     from outbox_tasks.store.events import event_volumes
 
-    engine = cli_engine(settings_from_options(database_url=database_url))
-    try:
-        with translate_errors("events"), engine.connect() as conn:
-            rows = event_volumes(conn, since_seconds=since_seconds)
-    finally:
-        engine.dispose()
+    with (
+        cli_engine(settings_from_options(database_url=database_url)) as engine,
+        translate_errors("events"),
+        engine.connect() as conn,
+    ):
+        rows = event_volumes(conn, since_seconds=since_seconds)
     if as_json:
         print(json.dumps([dict(r._mapping) for r in rows], indent=2, default=str))
         return 0

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import click
 
-from outbox_tasks.cli.options import CommandList, json_option, settings_from_options
+from outbox_tasks.cli.options import CommandList, json_option, settings_from_options, stack
 from outbox_tasks.logs import event as log_event
 from outbox_tasks.logs import get_logger
 from outbox_tasks.settings import env_var
@@ -147,13 +147,7 @@ def _group_options(*, broker: bool, db: bool) -> Callable[[F], F]:
     if db:
         options.append(click.option("--database-url", help=DB_HELP))
     options.append(json_option("machine-readable output"))
-
-    def decorate(command: F) -> F:
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return decorate
+    return stack(*options)
 
 
 @consumers.command("lag", help="ready messages, oldest age, dead letters")

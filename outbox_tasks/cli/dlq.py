@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -20,24 +19,14 @@ from outbox_tasks.cli.options import (
     database_url_option,
     json_option,
     settings_from_options,
+    stack,
 )
 from outbox_tasks.errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine
-
     from outbox_tasks.deadletter import Filters
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-@contextmanager
-def _engine(database_url: str | None) -> Iterator[Engine]:
-    engine = cli_engine(settings_from_options(database_url=database_url))
-    try:
-        yield engine
-    finally:
-        engine.dispose()
 
 
 @dataclass(frozen=True)
@@ -105,9 +94,7 @@ def _filter_options(*, ids: bool) -> Callable[[F], F]:
             given = {name: kwargs.pop(name) for name in names if name in kwargs}
             return command(chosen=FilterOptions(**given), **kwargs)
 
-        decorated: Any = with_filters
-        for option in reversed(options):
-            decorated = option(decorated)
+        decorated: Any = stack(*options)(with_filters)
         return decorated  # type: ignore[no-any-return]
 
     return decorate
@@ -140,7 +127,7 @@ def list_command(
 ) -> int:
     from outbox_tasks import deadletter
 
-    with _engine(database_url) as engine:
+    with cli_engine(settings_from_options(database_url=database_url)) as engine:
         rows = deadletter.list_dead_letters(
             engine,
             chosen.filters(),
@@ -169,7 +156,7 @@ def list_command(
 def show_command(database_url: str | None, id: str) -> int:
     from outbox_tasks import deadletter
 
-    with _engine(database_url) as engine:
+    with cli_engine(settings_from_options(database_url=database_url)) as engine:
         view = deadletter.show(engine, deadletter.parse_ids([id])[0])
     print(json.dumps(view.as_dict(), indent=2, default=str))
     return 0
@@ -181,7 +168,7 @@ def show_command(database_url: str | None, id: str) -> int:
 def history_command(database_url: str | None, limit: int) -> int:
     from outbox_tasks import deadletter
 
-    with _engine(database_url) as engine:
+    with cli_engine(settings_from_options(database_url=database_url)) as engine:
         trail = deadletter.history(engine, limit=limit)
     print(json.dumps(trail, indent=2, default=str))
     return 0
@@ -195,7 +182,7 @@ def _default_actor() -> str:
 
 def _change_options(*, reason_required: bool) -> Callable[[F], F]:
     """What replay and discard share: the filters and ids, the safety, the audit trail."""
-    options = (
+    return stack(
         database_url_option(),
         _filter_options(ids=True),
         click.option("--dry-run", is_flag=True, help="show what would change"),
@@ -203,13 +190,6 @@ def _change_options(*, reason_required: bool) -> Callable[[F], F]:
         click.option("--actor", default=_default_actor, help="recorded in the audit trail"),
         click.option("--reason", required=reason_required, help="recorded in the audit trail"),
     )
-
-    def decorate(command: F) -> F:
-        for option in reversed(options):
-            command = option(command)
-        return command
-
-    return decorate
 
 
 @dlq.command("replay", help="put back in line, in original order")
@@ -227,7 +207,7 @@ def replay_command(
 ) -> int:
     from outbox_tasks import deadletter
 
-    with _engine(database_url) as engine:
+    with cli_engine(settings_from_options(database_url=database_url)) as engine:
         filters = chosen.filters()
         if filters.everything and not confirm(
             "Replay every matching dead letter?", yes=yes, dry_run=dry_run
@@ -253,7 +233,7 @@ def discard_command(
 ) -> int:
     from outbox_tasks import deadletter
 
-    with _engine(database_url) as engine:
+    with cli_engine(settings_from_options(database_url=database_url)) as engine:
         filters = chosen.filters()
         if not confirm(
             "Discard the matching dead letters (they will not be sent)?", yes=yes, dry_run=dry_run

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
@@ -38,11 +39,28 @@ def settings_from_options(
     return Settings.from_env(**overrides)
 
 
-def cli_engine(settings: Settings, application_name: str = "outbox_tasks.cli") -> Engine:
-    """A one-connection engine for a command; the caller disposes of it."""
+@contextmanager
+def cli_engine(settings: Settings, application_name: str = "outbox_tasks.cli") -> Iterator[Engine]:
+    """A one-connection engine for one command, disposed of when the block ends."""
     from outbox_tasks.db import make_engine
 
-    return make_engine(settings, application_name=application_name, pool_size=1)
+    engine = make_engine(settings, application_name=application_name, pool_size=1)
+    try:
+        yield engine
+    finally:
+        engine.dispose()
+
+
+def stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    """One decorator that applies ``decorators`` as if they were written, in this order, above
+    the function (click options then show in this order in ``--help``)."""
+
+    def decorate(command: F) -> F:
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return decorate
 
 
 def database_url_option(help: str = DB_HELP) -> Callable[[F], F]:
