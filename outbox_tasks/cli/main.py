@@ -50,8 +50,9 @@ class OutboxGroup(CommandList):
 @click.group(
     "outbox",
     cls=OutboxGroup,
-    help="Transactional outbox publisher: operator commands. Every option falls back to its "
-    "OUTBOX_* environment variable.",
+    help="Transactional outbox publisher: operator commands. Settings come from the OUTBOX_* "
+    "environment variables (`outbox-tasks config` lists them); an option that overrides one "
+    "names it in its help.",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 def outbox() -> None:
