@@ -61,6 +61,7 @@ class Backend(Protocol):
     def add(self, *aggregates: tuple[str, str]) -> list[uuid.UUID]: ...
     def sent(self, count: int) -> list[Sent]: ...
     def row(self, event_id: uuid.UUID) -> RowState: ...
+    def gone(self, event_id: uuid.UUID) -> bool: ...
     def wait(self, seconds: float) -> None: ...
     def expire_leases(self) -> None: ...
     def replay(self, aggregate_type: str, aggregate_id: str) -> None: ...
@@ -120,6 +121,9 @@ class MemoryBackend:
             waiting=row.pending and row.next_attempt_at is not None,
             parked=row.parked,
         )
+
+    def gone(self, event_id: uuid.UUID) -> bool:
+        return self.memory.row(event_id) is None
 
     def wait(self, seconds: float) -> None:
         self.clock.advance(seconds)
@@ -188,6 +192,11 @@ class PostgresBackend:
             waiting=pending and row.next_attempt_at is not None,
             parked=pending and row.dead_lettered_at is not None,
         )
+
+    def gone(self, event_id: uuid.UUID) -> bool:
+        with self.engine.connect() as conn:
+            found = conn.execute(text("SELECT 1 FROM outbox WHERE id = :id"), {"id": event_id})
+            return found.first() is None
 
     def wait(self, seconds: float) -> None:
         # Leases and backoffs run on PostgreSQL's clock: real time must pass.

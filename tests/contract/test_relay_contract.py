@@ -1,6 +1,7 @@
 """The relay store's contract, one set of assertions for the in-memory fakes and for PostgreSQL
 (with the real broker publisher on Redis): claims, fenced writes, per-aggregate order, retries,
-parking and replay. A fake that passes here can stand in for the database in unit tests.
+parking and replay, delete mode, and repartitioning. A fake that passes here can stand in for the
+database in unit tests.
 
 ``test_contract_catches_broken_fakes.py`` shows these tests fail against a fake that ignores the
 epoch fence or breaks the order."""
@@ -11,6 +12,7 @@ import uuid
 from collections.abc import Sequence
 
 from outbox_tasks.envelope import OutboundMessage
+from outbox_tasks.partitioning import partition_of_aggregate
 from outbox_tasks.publisher import BatchResult
 from outbox_tasks.relay import claim_partition
 from outbox_tasks.store.records import Failure
@@ -229,3 +231,47 @@ def test_a_broker_outage_opens_the_circuit_and_spends_no_retry(backend: Backend)
     backend.clock.advance(settings.circuit_max_seconds)  # the relay's clock: the circuit's delay
     assert drain(relay) == 2
     assert ids_of(backend.sent(2)) == strs(ids)
+
+
+def test_in_delete_mode_published_rows_go_and_failed_ones_stay_with_their_failure(
+    backend: Backend,
+) -> None:
+    settings = backend.settings.with_changes(
+        partitions=1, cleanup_mode="delete", backoff_base_seconds=60.0, backoff_max_seconds=60.0
+    )
+    p1, q1, p2 = backend.add(("Order", "P"), ("Order", "Q"), ("Order", "P"))
+    backend.publisher.fail(p1, times=1)
+
+    assert drain(backend.relay(settings)) == 1
+
+    assert ids_of(backend.sent(1)) == strs([q1])
+    assert backend.gone(q1)
+    assert backend.row(p1) == RowState(published=False, retry_count=1, waiting=True, parked=False)
+    assert backend.row(p2) == UNTOUCHED
+
+
+def test_a_new_partition_count_waits_for_the_old_leases_and_resends_their_batch(
+    backend: Backend,
+) -> None:
+    """Repartitioning (1 -> 2): while the one lease of the old count is live, no partition of the
+    new count is granted (their slots overlap it); once it expires, the new holders resend the
+    batch it left in flight, flagged as redelivered, and send the rest unflagged."""
+    one = backend.settings.with_changes(partitions=1, batch_size=3)
+    two = backend.settings.with_changes(partitions=2)
+    # Enough aggregates that both partitions of two have rows to claim.
+    aggregates = [("Order", str(i)) for i in range(12)]
+    assert {partition_of_aggregate(*a, 2) for a in aggregates} == {0, 1}
+    backend.add(*aggregates)
+    old = claim_partition(backend.store, one, owner="old", partition=0)
+    assert old is not None
+    with backend.store.transaction() as tx:
+        batch = [r.id for r in tx.select_candidates(old.slot_lo, old.slot_hi, 3)]
+        assert tx.mark_inflight(old, ids=batch, cursor_slot=old.slot_lo, lease_seconds=30)
+
+    refused = [claim_partition(backend.store, two, owner="new", partition=p) for p in (0, 1)]
+
+    assert refused == [None, None]
+    backend.expire_leases()
+    assert drain(backend.relay(two, owner="new")) == 12
+    flagged = {s.event_id for s in backend.sent(12) if s.redelivered}
+    assert flagged == set(strs(batch))
