@@ -59,7 +59,11 @@ class Backend(Protocol):
 
     def relay(self, settings: Settings, owner: str = "t") -> Relay: ...
     def add(self, *aggregates: tuple[str, str]) -> list[uuid.UUID]: ...
-    def sent(self, count: int) -> list[Sent]: ...
+    def sent(self, count: int) -> list[Sent]:
+        """Every message that reached the broker so far, in arrival order: exactly ``count`` of
+        them (fails if more or fewer arrived)."""
+        ...
+
     def row(self, event_id: uuid.UUID) -> RowState: ...
     def gone(self, event_id: uuid.UUID) -> bool: ...
     def wait(self, seconds: float) -> None: ...
@@ -76,6 +80,11 @@ def _relay(backend: Backend, settings: Settings, owner: str) -> Relay:
         clock=backend.clock,
         jitter=lambda: 0.0,
     )
+
+
+def _exactly(count: int, sent: list[Sent]) -> list[Sent]:
+    assert len(sent) == count, f"{len(sent)} messages reached the broker, expected {count}"
+    return sent
 
 
 def _event(aggregate: tuple[str, str]) -> OutboxMessage:
@@ -107,10 +116,13 @@ class MemoryBackend:
         return self.memory.add(*(_event(a) for a in aggregates))
 
     def sent(self, count: int) -> list[Sent]:
-        return [
-            Sent(m.event_id, m.aggregate_key, m.sequence, bool(m.headers[H_REDELIVERED]))
-            for m in self.publisher.published
-        ]
+        return _exactly(
+            count,
+            [
+                Sent(m.event_id, m.aggregate_key, m.sequence, bool(m.headers[H_REDELIVERED]))
+                for m in self.publisher.published
+            ],
+        )
 
     def row(self, event_id: uuid.UUID) -> RowState:
         row = self.memory.row(event_id)
@@ -171,10 +183,15 @@ class PostgresBackend:
 
     def sent(self, count: int) -> list[Sent]:
         wait_for(self.collector, count)
-        return [
-            Sent(m.id, m.aggregate, m.sequence, bool(m.headers[H_REDELIVERED]))
-            for m in self.collector.snapshot()
-        ]
+        # Everything was published before this call; a message beyond ``count`` is already on its
+        # way to the collector (it would not be on the fakes).
+        return _exactly(
+            count,
+            [
+                Sent(m.id, m.aggregate, m.sequence, bool(m.headers[H_REDELIVERED]))
+                for m in self.collector.snapshot()
+            ],
+        )
 
     def row(self, event_id: uuid.UUID) -> RowState:
         with self.engine.connect() as conn:
