@@ -39,10 +39,6 @@ def commands(group: click.Group = outbox, path: str = "") -> Iterator[tuple[str,
             yield from commands(command, f"{path}{name} ")
 
 
-def clean_environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")}
-
-
 def test_the_overrides_the_help_checks_are_the_ones_the_settings_helper_takes() -> None:
     assert set(inspect.signature(settings_from_options).parameters) == set(OVERRIDES)
 
@@ -104,16 +100,22 @@ def test_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
     assert main(["config", "--markdown"]) == 130
 
 
-def test_python_m_outbox_tasks_consumer_is_the_same_command_line() -> None:
-    shown = subprocess.run(
-        [sys.executable, "-m", "outbox_tasks.consumer", "consume", "--help"],
+def python_m(*argv: str) -> subprocess.CompletedProcess[str]:
+    """``python -m argv...`` from the source tree, without the developer's OUTBOX_* variables."""
+    return subprocess.run(
+        [sys.executable, "-m", *argv],
         check=False,
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env=clean_environment(),
-        timeout=60,
+        env={k: v for k, v in os.environ.items() if not k.startswith("OUTBOX_")},
+        timeout=120,
     )
+
+
+def test_python_m_outbox_tasks_consumer_is_the_same_command_line() -> None:
+    shown = python_m("outbox_tasks.consumer", "consume", "--help")
+
     assert shown.returncode == 0, shown.stderr
     assert "Usage: python -m outbox_tasks.consumer consume [OPTIONS]" in shown.stdout
     assert f"env {env_var('publish_url')}" in shown.stdout
@@ -121,15 +123,8 @@ def test_python_m_outbox_tasks_consumer_is_the_same_command_line() -> None:
 
 def test_celery_runs_the_commands_as_celery_outbox_with_the_same_exit_codes() -> None:
     # Found through the `celery.commands` entry point of the installed package.
-    celery = [sys.executable, "-m", "celery", "-A", "outbox_tasks", "outbox"]
-    ran = subprocess.run(
-        [*celery, "dlq", "show", "not-a-uuid", "--database-url", NOWHERE],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=clean_environment(),
-        timeout=120,
-    )
+    celery = ["celery", "-A", "outbox_tasks", "outbox"]
+    ran = python_m(*celery, "dlq", "show", "not-a-uuid", "--database-url", NOWHERE)
+
     assert ran.returncode == 1, ran.stderr
     assert "not an event id: not-a-uuid" in ran.stderr
