@@ -1,6 +1,6 @@
 """``outbox-tasks demo``: the whole system live on one machine (``run``), with embedded
-PostgreSQL and Redis when none are named (``embedded``). Not part of the library: nothing else
-in the package imports it.
+PostgreSQL and Redis when none are named (``embedded``). Not part of the library: only the
+``demo`` command (``cli/demo.py``) imports it.
 
 Modules: ``run`` (the demo), ``environment`` (database, ports, child environment, readiness),
 ``models`` (the demo's own tables), ``embedded`` (both services; the child processes'
