@@ -32,6 +32,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import UserDefinedType
 
 from outbox_tasks.errors import InvalidMessage, PayloadTooLarge
+from outbox_tasks.limits import MAX_NAME_CHARS, check_headers, check_name, check_routing_key
 
 log = logging.getLogger("outbox_tasks.producer")
 
@@ -39,7 +40,7 @@ PAYLOAD_WARN_BYTES = 64 * 1024
 # json escapes NUL as \u0000; an odd run of backslashes before "u0000" is that escape.
 _ESCAPED_NUL = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 PAYLOAD_MAX_BYTES = 1024 * 1024
-MAX_NAME_LENGTH = 255
+MAX_NAME_LENGTH = MAX_NAME_CHARS
 
 # The slot is a stable hash of the aggregate: md5 is immutable (allowed in a generated column),
 # the same on every PostgreSQL version and easy to compute in any language (see slot_of()).
@@ -74,16 +75,6 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-def _check_name(field: str, value: object) -> str:
-    if not isinstance(value, str):
-        raise InvalidMessage(f"{field} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise InvalidMessage(f"{field} must not be empty")
-    if len(value) > MAX_NAME_LENGTH:
-        raise InvalidMessage(f"{field} is {len(value)} characters long; the limit is 255")
-    return value
-
-
 def _json_type_error(what: str, exc: TypeError) -> InvalidMessage:
     # json's message names the offending type ("Object of type Decimal is not JSON
     # serializable"); keep it and say what to do.
@@ -97,9 +88,12 @@ class OutboxMessage(Base):
     """One event, written in the same transaction as the business change it describes.
 
     ``session.add(OutboxMessage(aggregate_type="Order", aggregate_id=order.id,
-    event_type="OrderCreated", payload={...}))``. Validated when built: names non-empty, payload
-    JSON-serializable and at most 1 MB (a warning over 64 KB). Nothing is published before the
-    caller's transaction commits.
+    event_type="OrderCreated", payload={...}))``. Validated when built, so nothing the database or
+    a broker would refuse reaches the caller's commit (``outbox_tasks.limits``): names non-empty,
+    at most 255 characters, without NUL or lone surrogates, routing key at most 255 bytes;
+    headers the transports can encode; payload JSON-serializable and at most 1 MB (a warning over
+    64 KB). Raises InvalidMessage naming the field. Nothing is published before the caller's
+    transaction commits.
     """
 
     __tablename__ = "outbox"
@@ -173,7 +167,8 @@ class OutboxMessage(Base):
         kwargs.setdefault("headers", {})
         kwargs.setdefault("schema_version", 1)
         for name in ("aggregate_type", "aggregate_id", "event_type"):
-            _check_name(name, kwargs.get(name))
+            check_name(name, kwargs.get(name))
+        check_routing_key(kwargs["aggregate_type"], kwargs["event_type"])
         if "payload" not in kwargs:
             raise InvalidMessage("payload is required (use {} for an event without data)")
         validate_payload(kwargs["payload"])
@@ -235,21 +230,8 @@ def validate_payload(payload: Any) -> int:
 
 
 def validate_headers(headers: Any) -> None:
-    if not isinstance(headers, dict):
-        raise InvalidMessage(f"headers must be a dict, got {type(headers).__name__}")
-    for key in headers:
-        if not isinstance(key, str) or not key:
-            raise InvalidMessage(f"header names must be non-empty strings, got {key!r}")
-        if key.lower().startswith("outbox-"):
-            raise InvalidMessage(
-                f"header {key!r} is reserved: outbox-* headers are set by the relay"
-            )
-    try:
-        json.dumps(headers, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise _json_type_error(
-            "headers", exc if isinstance(exc, TypeError) else TypeError(exc)
-        ) from None
+    """Check user headers (see ``outbox_tasks.limits.check_headers``). Raises InvalidMessage."""
+    check_headers(headers)
 
 
 class OutboxPartition(Base):
