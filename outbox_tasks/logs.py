@@ -14,12 +14,17 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
+from outbox_tasks.settings import redact_text
+
 _STANDARD = frozenset(
     vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None)).keys()
 ) | {"message", "asctime", "taskName"}
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record. A URL's password never reaches the log: the whole line
+    (message, fields, traceback) goes through ``settings.redact_text``."""
+
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
@@ -32,7 +37,7 @@ class JsonFormatter(logging.Formatter):
                 data[key] = value
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
-        return json.dumps(data, default=str)
+        return redact_text(json.dumps(data, default=str))
 
 
 def get_logger(name: str) -> logging.Logger:

@@ -14,9 +14,10 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from outbox_tasks.errors import ConfigurationError
+from outbox_tasks.limits import DEFAULT_MAX_MESSAGE_BYTES
 
 ENV_PREFIX = "OUTBOX_"
 SLOT_COUNT = 1024  # fixed slot range (DESIGN 4.2); partitions are contiguous slot ranges
@@ -24,6 +25,41 @@ SLOT_COUNT = 1024  # fixed slot range (DESIGN 4.2); partitions are contiguous sl
 CLEANUP_MODES = ("delete", "retain", "archive")
 DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
+
+REDACTED = "***"
+# Query parameters that carry a secret (libpq's password, redis-py's password, tokens).
+_SECRET_QUERY = re.compile(r"pass|secret|token", re.IGNORECASE)
+# ``scheme://user:password@`` anywhere in a text (a driver's error message, a log line).
+_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):(?P<pw>[^\s@/]*)@")
+_QUERY_SECRET = re.compile(r"(?P<head>[?&][^=&\s]*(?:pass|secret|token)[^=&\s]*=)[^&\s]*", re.I)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password (and secret query parameters) replaced by ``***``; safe to
+    print or log. Anything that does not parse as a URL goes through :func:`redact_text`."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return redact_text(url)
+    netloc = parts.netloc
+    userinfo, at, hostport = netloc.rpartition("@")
+    if at and ":" in userinfo:
+        netloc = f"{userinfo.partition(':')[0]}:{REDACTED}@{hostport}"
+    query = parts.query
+    if query:
+        pairs = parse_qsl(query, keep_blank_values=True)
+        if any(_SECRET_QUERY.search(k) for k, _ in pairs):
+            query = urlencode(
+                [(k, REDACTED if _SECRET_QUERY.search(k) else v) for k, v in pairs], safe="*/:"
+            )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def redact_text(text: str) -> str:
+    """Every ``scheme://user:password@`` and ``?password=...`` in a free text, with the secret
+    replaced by ``***`` (for error messages and log lines that may quote a URL)."""
+    text = _URL_PASSWORD.sub(lambda m: f"{m['head']}:{REDACTED}@", text)
+    return _QUERY_SECRET.sub(lambda m: f"{m['head']}{REDACTED}", text)
 
 
 class _Invalid(ValueError):
@@ -133,8 +169,11 @@ def _event_type_policies(raw: str) -> dict[str, str]:
     return result
 
 
-def _setting(default: Any, parse: Callable[[str], Any], doc: str) -> Any:
-    metadata = {"parse": parse, "doc": doc}
+def _setting(default: Any, parse: Callable[[str], Any], doc: str, *, url: bool = False) -> Any:
+    """A field with its parser and doc; ``url``: shown with the password hidden
+    (``redact_url``). A default of None on a non-optional field means "derived from other
+    settings" (see ``DERIVED``)."""
+    metadata = {"parse": parse, "doc": doc, "url": url}
     if isinstance(default, dict):
         return field(default_factory=lambda: dict(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -148,16 +187,19 @@ class Settings:
         "postgresql://postgres@127.0.0.1:5432/outbox",
         _url(*DATABASE_SCHEMES),
         "PostgreSQL holding the outbox table (the source of truth for every lease and state).",
+        url=True,
     )
     broker_url: str = _setting(
         "redis://127.0.0.1:6379/0",
         _url(*BROKER_SCHEMES),
         "Celery's broker: where claim, publish and maintenance tasks are queued.",
+        url=True,
     )
     publish_url: str | None = _setting(
         None,
         _optional_url(*BROKER_SCHEMES),
         "Where events are published (Redis or RabbitMQ). Empty: the broker URL.",
+        url=True,
     )
     exchange: str = _setting(
         "outbox.events",
@@ -183,9 +225,10 @@ class Settings:
         "after it.",
     )
     publish_task_seconds: float = _setting(
-        5.0,
+        None,
         _seconds(),
-        "How long one publish task drains its partition before handing over (fairness).",
+        "How long one publish task drains its partition before handing over (fairness). "
+        "Default: 5, or half of OUTBOX_LEASE_SECONDS when that is under 10.",
     )
     max_retries: int = _setting(
         5, _int(0, 1000), "Message-specific failures before a message is dead-lettered."
@@ -193,7 +236,17 @@ class Settings:
     backoff_base_seconds: float = _setting(
         1.0, _seconds(), "First retry delay; doubles on every failure (with jitter)."
     )
-    backoff_max_seconds: float = _setting(300.0, _seconds(), "Cap on the retry delay.")
+    backoff_max_seconds: float = _setting(
+        None,
+        _seconds(),
+        "Cap on the retry delay. Default: 300, or OUTBOX_BACKOFF_BASE_SECONDS when that is more.",
+    )
+    max_message_bytes: int = _setting(
+        DEFAULT_MAX_MESSAGE_BYTES,
+        _int(1024, 512 * 1024 * 1024),
+        "Largest message body the broker takes (RabbitMQ's max_message_size, 128 MiB by "
+        "default); a bigger row is dead-lettered instead of sent. Bounds Redis too.",
+    )
     broker_timeout_seconds: float = _setting(
         10.0, _seconds(), "Connect and confirm timeout when publishing to the broker."
     )
@@ -220,7 +273,10 @@ class Settings:
         "How long consumer receipts are kept (a redelivery older than this is handled again).",
     )
     archive_url: str = _setting(
-        "", _string, "Where archive mode writes compressed JSON-lines files (a directory)."
+        "",
+        _string,
+        "Where archive mode writes compressed JSON-lines files (a directory).",
+        url=True,
     )
     cleanup_interval_seconds: float = _setting(
         86400.0, _seconds(), "Beat interval of outbox.cleanup."
@@ -256,6 +312,31 @@ class Settings:
     idle_in_transaction_timeout_seconds: float = _setting(
         60.0, _seconds(), "PostgreSQL idle_in_transaction_session_timeout."
     )
+
+    def __post_init__(self) -> None:
+        for name, rule in DERIVED.items():
+            if getattr(self, name) is None:
+                # Frozen: this is the one place a value is filled in after construction.
+                object.__setattr__(self, name, rule(self))
+
+    def __repr__(self) -> str:
+        # Settings end up in logs and tracebacks: never with a password.
+        fields = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.metadata["url"] and value:
+                value = redact_url(value)
+            fields.append(f"{f.name}={value!r}")
+        return f"Settings({', '.join(fields)})"
+
+    def printable(self) -> dict[str, str]:
+        """Field name -> value as written in its variable, URL passwords hidden: what may be
+        printed or logged (``outbox-tasks config``)."""
+        result = {}
+        for f in dataclasses.fields(self):
+            shown = _show(getattr(self, f.name))
+            result[f.name] = redact_url(shown) if f.metadata["url"] and shown else shown
+        return result
 
     @property
     def effective_publish_url(self) -> str:
@@ -293,7 +374,8 @@ class Settings:
             try:
                 values[f.name] = f.metadata["parse"](raw)
             except _Invalid as exc:
-                raise ConfigurationError(f"{var}={raw!r} is not valid: expected {exc}") from None
+                shown = redact_url(raw) if f.metadata["url"] else raw
+                raise ConfigurationError(f"{var}={shown!r} is not valid: expected {exc}") from None
         values.update(overrides)
         settings = cls(**values)
         settings.validate()
@@ -307,8 +389,9 @@ class Settings:
             try:
                 f.metadata["parse"](shown)
             except _Invalid as exc:
+                printed = redact_url(shown) if f.metadata["url"] else shown
                 raise ConfigurationError(
-                    f"{env_var(f.name)}={shown!r} is not valid: expected {exc}"
+                    f"{env_var(f.name)}={printed!r} is not valid: expected {exc}"
                 ) from None
         if self.backoff_max_seconds < self.backoff_base_seconds:
             raise ConfigurationError(
@@ -322,10 +405,18 @@ class Settings:
                 f"expected less than {env_var('lease_seconds')} ({self.lease_seconds}), so a "
                 "publish task hands over before its lease can expire"
             )
+        for name in ("exchange", "dead_letter_exchange"):
+            size = len(getattr(self, name).encode())
+            if size > 255:
+                raise ConfigurationError(
+                    f"{env_var(name)} is {size} bytes long: expected at most 255 (an AMQP "
+                    "short string)"
+                )
         scheme = urlsplit(self.archive_url).scheme
         if self.archive_url and scheme not in ("", "file"):
             raise ConfigurationError(
-                f"{env_var('archive_url')}={self.archive_url!r} is not valid: {scheme}:// is not "
+                f"{env_var('archive_url')}={redact_url(self.archive_url)!r} is not valid: "
+                f"{scheme}:// is not "
                 "supported; expected a directory path or a file:// URL"
             )
         if self.cleanup_mode == "archive" and not self.archive_url:
@@ -344,10 +435,34 @@ class Settings:
         return env
 
     def with_changes(self, **changes: Any) -> Settings:
-        """A copy with some values changed (validated again)."""
-        settings = dataclasses.replace(self, **changes)
+        """A copy with some values changed (validated again). A derived setting that still has
+        its derived value follows the settings it depends on again (e.g. a shorter lease also
+        shortens the default publish task)."""
+        follow = {
+            name: None
+            for name, rule in DERIVED.items()
+            if name not in changes and getattr(self, name) == rule(self)
+        }
+        settings = dataclasses.replace(self, **{**follow, **changes})
         settings.validate()
         return settings
+
+
+def _publish_task_default(settings: Settings) -> float:
+    # Half the lease leaves the other half for the batch in hand and its marking.
+    return min(5.0, settings.lease_seconds / 2)
+
+
+def _backoff_max_default(settings: Settings) -> float:
+    return max(300.0, settings.backoff_base_seconds)
+
+
+# Settings whose default follows other settings: field -> default given the others. Set alone,
+# the settings they depend on never contradict them (issue 11, item 7).
+DERIVED: dict[str, Callable[[Settings], Any]] = {
+    "publish_task_seconds": _publish_task_default,
+    "backoff_max_seconds": _backoff_max_default,
+}
 
 
 def env_var(field_name: str) -> str:

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import sys
 
 import pytest
 
 from outbox_tasks.errors import ConfigurationError
-from outbox_tasks.settings import Settings, describe, env_var
+from outbox_tasks.logs import JsonFormatter
+from outbox_tasks.settings import Settings, describe, env_var, redact_text, redact_url
 
 # (env var, bad value, a phrase of what is expected)
 BAD_VALUES: list[tuple[str, str, str]] = [
@@ -140,9 +144,14 @@ def test_the_first_bad_variable_is_the_one_named() -> None:
             id="publish-task-equal-to-lease",
         ),
         pytest.param(
-            {"OUTBOX_LEASE_SECONDS": "3"},
+            {"OUTBOX_LEASE_SECONDS": "3", "OUTBOX_PUBLISH_TASK_SECONDS": "4"},
             ("OUTBOX_PUBLISH_TASK_SECONDS", "OUTBOX_LEASE_SECONDS"),
             id="publish-task-longer-than-lease",
+        ),
+        pytest.param(
+            {"OUTBOX_BACKOFF_BASE_SECONDS": "600", "OUTBOX_BACKOFF_MAX_SECONDS": "300"},
+            ("OUTBOX_BACKOFF_MAX_SECONDS", "OUTBOX_BACKOFF_BASE_SECONDS"),
+            id="explicit-backoff-max-below-base",
         ),
         pytest.param(
             {"OUTBOX_CLEANUP_MODE": "archive"},
@@ -197,7 +206,7 @@ def test_with_changes_validates_the_copy_again() -> None:
     assert settings.with_changes(batch_size=10).batch_size == 10
     assert settings.batch_size == 500
     with pytest.raises(ConfigurationError, match="OUTBOX_PUBLISH_TASK_SECONDS"):
-        settings.with_changes(lease_seconds=1.0)
+        settings.with_changes(lease_seconds=1.0, publish_task_seconds=1.0)
 
 
 def test_settings_are_frozen() -> None:
@@ -297,3 +306,158 @@ def test_events_go_to_the_publish_url_when_it_is_set() -> None:
 
     assert settings.broker_url == "redis://broker:6379/1"
     assert settings.effective_publish_url == "amqp://guest:guest@rabbit:5672//"
+
+
+# --- defaults that follow other settings (issue 11, item 7) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lease", "publish_task"),
+    [(30, 5.0), (10, 5.0), (9, 4.5), (5, 2.5), (1, 0.5), (0.2, 0.1), (3600, 5.0)],
+)
+def test_a_lease_set_alone_is_accepted_and_the_publish_task_default_follows_it(
+    lease: float, publish_task: float
+) -> None:
+    settings = Settings.from_env({"OUTBOX_LEASE_SECONDS": str(lease)})
+
+    assert settings.lease_seconds == lease
+    assert settings.publish_task_seconds == publish_task
+    assert settings.publish_task_seconds < settings.lease_seconds
+
+
+@pytest.mark.parametrize(("base", "cap"), [(1, 300.0), (300, 300.0), (600, 600.0)])
+def test_a_backoff_base_set_alone_is_accepted_and_the_cap_default_follows_it(
+    base: float, cap: float
+) -> None:
+    settings = Settings.from_env({"OUTBOX_BACKOFF_BASE_SECONDS": str(base)})
+
+    assert settings.backoff_max_seconds == cap
+
+
+def test_an_explicit_value_of_a_derived_setting_is_kept() -> None:
+    settings = Settings.from_env(
+        {"OUTBOX_LEASE_SECONDS": "60", "OUTBOX_PUBLISH_TASK_SECONDS": "20"}
+    )
+
+    assert settings.publish_task_seconds == 20
+
+
+def test_with_changes_lets_a_derived_default_follow_and_keeps_a_chosen_value() -> None:
+    assert Settings().with_changes(lease_seconds=4).publish_task_seconds == 2
+    assert (
+        Settings().with_changes(lease_seconds=4).with_changes(lease_seconds=30).publish_task_seconds
+        == 5
+    )
+    chosen = Settings(lease_seconds=60, publish_task_seconds=20)
+    assert chosen.with_changes(lease_seconds=40).publish_task_seconds == 20
+
+
+def test_a_worker_given_the_parents_variables_gets_the_same_settings() -> None:
+    settings = Settings.from_env({"OUTBOX_LEASE_SECONDS": "5"})
+
+    assert Settings.from_env(settings.to_env()) == settings
+
+
+def test_a_derived_setting_says_what_it_follows_in_the_reference() -> None:
+    docs = {var: doc for var, _, doc in describe()}
+
+    assert "OUTBOX_LEASE_SECONDS" in docs["OUTBOX_PUBLISH_TASK_SECONDS"]
+    assert "OUTBOX_BACKOFF_BASE_SECONDS" in docs["OUTBOX_BACKOFF_MAX_SECONDS"]
+
+
+def test_an_exchange_name_longer_than_an_amqp_short_string_is_refused() -> None:
+    assert Settings.from_env({"OUTBOX_EXCHANGE": "e" * 255}).exchange == "e" * 255
+    with pytest.raises(ConfigurationError, match="OUTBOX_EXCHANGE is 256 bytes long"):
+        Settings.from_env({"OUTBOX_EXCHANGE": "e" * 256})
+
+
+# --- URLs never show their password (issue 11, item 8) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://app:s3cret@db:5432/outbox", "postgresql://app:***@db:5432/outbox"),
+        ("postgresql://app@db/outbox", "postgresql://app@db/outbox"),
+        ("redis://:s3cret@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("rediss://default:p%40ss@cache:6380/1", "rediss://default:***@cache:6380/1"),
+        ("amqp://guest:guest@rabbit:5672//", "amqp://guest:***@rabbit:5672//"),
+        ("amqp://u:a@b@rabbit//", "amqp://u:***@rabbit//"),
+        (
+            "postgresql://app@db/outbox?sslmode=require&password=s3cret",
+            "postgresql://app@db/outbox?sslmode=require&password=***",
+        ),
+        ("redis://cache:6379/0?password=s3cret", "redis://cache:6379/0?password=***"),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0"),
+        ("/var/lib/outbox/archive", "/var/lib/outbox/archive"),
+    ],
+)
+def test_redact_url_hides_the_password_and_keeps_the_rest(url: str, shown: str) -> None:
+    assert redact_url(url) == shown
+
+
+def test_redact_text_hides_every_url_password_in_a_message() -> None:
+    message = (
+        "cannot connect to redis://:pw1@cache:6379/0, then amqp://guest:pw2@rabbit//; "
+        "dsn postgresql://app@db/outbox?password=pw3&sslmode=require"
+    )
+
+    redacted = redact_text(message)
+
+    for secret in ("pw1", "pw2", "pw3"):
+        assert secret not in redacted
+    assert "redis://:***@cache:6379/0" in redacted
+    assert "sslmode=require" in redacted
+
+
+SECRET_ENV = {
+    "OUTBOX_DATABASE_URL": "postgresql://app:dbsecret@db:5432/outbox",
+    "OUTBOX_BROKER_URL": "redis://:brokersecret@cache:6379/0",
+    "OUTBOX_PUBLISH_URL": "amqp://app:publishsecret@rabbit:5672//",
+}
+
+
+def test_the_printable_settings_and_the_repr_hide_every_password() -> None:
+    settings = Settings.from_env(SECRET_ENV)
+
+    printable = settings.printable()
+    assert printable["database_url"] == "postgresql://app:***@db:5432/outbox"
+    assert printable["broker_url"] == "redis://:***@cache:6379/0"
+    assert printable["publish_url"] == "amqp://app:***@rabbit:5672//"
+    assert printable["partitions"] == "8"
+    for text in (repr(settings), str(settings), str(printable)):
+        for secret in ("dbsecret", "brokersecret", "publishsecret"):
+            assert secret not in text
+    assert settings.database_url == SECRET_ENV["OUTBOX_DATABASE_URL"]  # only the display hides
+
+
+def test_a_refused_url_is_named_without_its_password() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.from_env({"OUTBOX_BROKER_URL": "redis://:brokersecret@cache:port/0"})
+
+    assert "brokersecret" not in str(caught.value)
+    assert "redis://:***@cache:port/0" in str(caught.value)
+
+
+def test_json_logs_hide_url_passwords_in_the_message_the_fields_and_the_traceback() -> None:
+    formatter = JsonFormatter()
+    try:
+        raise ConnectionError("refused: amqp://guest:tracesecret@rabbit//")
+    except ConnectionError:
+        record = logging.LogRecord(
+            "outbox_tasks.test",
+            logging.WARNING,
+            __file__,
+            1,
+            "lost %s",
+            ("redis://:msgsecret@h/0",),
+            sys.exc_info(),
+        )
+    record.url = "postgresql://app:fieldsecret@db/outbox"
+    record.nested = {"dsn": "postgresql://app:nestedsecret@db/outbox"}
+
+    line = formatter.format(record)
+
+    for secret in ("tracesecret", "msgsecret", "fieldsecret", "nestedsecret"):
+        assert secret not in line
+    assert json.loads(line)["url"] == "postgresql://app:***@db/outbox"
