@@ -6,9 +6,12 @@ update goes through the relay's safe observer, so a metrics failure never breaks
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from collections import Counter as Tally
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
 
 from prometheus_client import (
     CollectorRegistry,
@@ -19,7 +22,7 @@ from prometheus_client import (
     start_http_server,
     values,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from outbox_tasks.store.records import Row
@@ -45,6 +48,14 @@ METRIC_CATALOG: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("outbox_consumer_messages_total", "counter", ("group", "outcome")),
     ("outbox_consumer_lag_messages", "gauge", ("group",)),
     ("outbox_consumer_oldest_message_age_seconds", "gauge", ("group",)),
+)
+
+# Every value ``outbox_publish_errors_total{error_type}`` can take. Each starts at 0 as soon as
+# the metrics exist, so a dashboard shows 0 rather than "no data" and rate() works from the start.
+PUBLISH_ERROR_TYPES: tuple[str, ...] = (
+    "broker_unavailable",
+    "message_rejected",
+    "lease_lost",
 )
 
 # 5 ms .. 5 min: resolves both the wake-up path and a backlog draining.
@@ -80,10 +91,12 @@ class RelayMetrics:
         )
         self.errors = Counter(
             "outbox_publish_errors_total",
-            "Publish errors by type (message_rejected, broker_unavailable, lease_lost, ...).",
+            "Publish errors by type (" + ", ".join(PUBLISH_ERROR_TYPES) + ").",
             ["error_type"],
             **kw,  # type: ignore[arg-type]
         )
+        for error_type in PUBLISH_ERROR_TYPES:
+            self.errors.labels(error_type)  # exported at 0 from now on
         self.latency = Histogram(
             "outbox_publish_latency_seconds",
             "Time from the outbox insert to its publication.",
@@ -194,22 +207,47 @@ def enable_multiprocess(directory: str) -> None:
     values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
 
 
-def serve(port: int, directory: str, address: str = "0.0.0.0") -> CollectorRegistry:
-    """Serve the pool's metrics plus the database snapshot on ``port`` (Prometheus text format)."""
+def serve(
+    port: int,
+    directory: str,
+    address: str = "0.0.0.0",
+    alive: Callable[[int], bool] | None = None,
+) -> CollectorRegistry:
+    """Serve the pool's metrics plus the database snapshot on ``port`` (Prometheus text format).
+
+    Before every scrape, the live gauges of processes that are gone (``alive``, default
+    :func:`pid_alive`) are dropped, so a pool process killed with its circuit open does not
+    keep ``outbox_circuit_open`` at 1.
+    """
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    registry.register(PoolCollector(directory, alive))
     registry.register(SNAPSHOT)
     start_http_server(port, addr=address, registry=registry)
     return registry
 
 
-def pool_gauge(directory: str, name: str) -> float | None:
-    """The value the endpoint would serve for one of the pool's gauges (e.g. the circuit)."""
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+class PoolCollector(Collector):
+    """The sum over a pool's metric files, read after dropping the dead processes' gauges."""
+
+    def __init__(self, directory: str, alive: Callable[[int], bool] | None = None) -> None:
+        self.directory = directory
+        self.alive = alive
+        self._inner = multiprocess.MultiProcessCollector(None, path=directory)  # type: ignore[no-untyped-call]
+
+    def collect(self) -> Iterable[Metric]:
+        prune_dead_processes(self.directory, self.alive)
+        metrics: Iterable[Metric] = self._inner.collect()  # type: ignore[no-untyped-call]
+        return metrics
+
+
+def pool_gauge(
+    directory: str, name: str, alive: Callable[[int], bool] | None = None
+) -> float | None:
+    """The value the endpoint would serve for one of the pool's gauges (e.g. the circuit), read
+    the same way: dead processes' gauges dropped first. None when no live process has it."""
     values_seen = [
         sample.value
-        for family in registry.collect()
+        for family in PoolCollector(directory, alive).collect()
         if family.name == name
         for sample in family.samples
     ]
@@ -219,3 +257,46 @@ def pool_gauge(directory: str, name: str) -> float | None:
 def process_exited(pid: int) -> None:
     """Drop a dead pool process's live gauges (its counters still count)."""
     multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+# ``gauge_livemax_1234.db``: prometheus_client's per-process file of the "live" gauge modes,
+# the only files that must disappear with their process (counters and histograms keep counting).
+_LIVE_GAUGE_FILE = re.compile(r"^gauge_live[a-z]+_(?P<pid>\d+)\.db$")
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` is a running process (not a zombie waiting to be reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    with contextlib.suppress(OSError):
+        # Linux: "1234 (name) Z ...": a killed child stays a zombie until its parent reaps it.
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rpartition(")")[2].split()[0] != "Z"
+    return True
+
+
+def prune_dead_processes(directory: str, alive: Callable[[int], bool] | None = None) -> list[int]:
+    """Drop the live gauges of every process in ``directory`` for which ``alive`` (default
+    :func:`pid_alive`) is false: a pool process killed with ``kill -9`` never says it exited.
+    Returns the pids dropped. Never raises for a file that vanished meanwhile."""
+    check = alive or pid_alive
+    dropped: set[int] = set()
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    for name in names:
+        match = _LIVE_GAUGE_FILE.match(name)
+        if match is None:
+            continue
+        pid = int(match["pid"])
+        if pid in dropped or check(pid):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+        dropped.add(pid)
+    return sorted(dropped)

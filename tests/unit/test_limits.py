@@ -82,7 +82,7 @@ def test_a_header_postgresql_cannot_store_is_refused_naming_the_header(
 
 def test_a_routing_key_of_more_than_255_utf8_bytes_is_refused_though_each_name_is_short() -> None:
     # 200 + 1 + 100 characters: each name is under 255 characters, the key is not.
-    with pytest.raises(InvalidMessage, match="^routing key .* is 301 bytes in UTF-8; the limit"):
+    with pytest.raises(InvalidMessage, match=r"^routing key .* is 301 bytes in UTF-8; the limit"):
         _message(aggregate_type="A" * 200, event_type="E" * 100)
 
 
@@ -114,7 +114,7 @@ def test_a_header_name_of_more_than_255_utf8_bytes_is_refused_at_any_depth() -> 
 
     with pytest.raises(InvalidMessage, match="name is 256 bytes in UTF-8; the limit is 255"):
         _message(headers={"\u00e9" * 128: 1})
-    with pytest.raises(InvalidMessage, match="^header 'ctx.n+' name is 256 bytes"):
+    with pytest.raises(InvalidMessage, match=r"^header 'ctx.n+' name is 256 bytes"):
         _message(headers={"ctx": {"n" * 256: 1}})
 
 
@@ -125,7 +125,7 @@ def test_header_integers_within_64_bits_are_accepted(value: int) -> None:
 
 @pytest.mark.parametrize("value", [INT64_MAX + 1, INT64_MIN - 1, 10**30])
 def test_a_header_integer_beyond_64_bits_is_refused_with_the_fix(value: int) -> None:
-    with pytest.raises(InvalidMessage, match="does not fit a signed 64-bit integer.*as a string"):
+    with pytest.raises(InvalidMessage, match=r"does not fit a signed 64-bit integer.*as a string"):
         _message(headers={"n": value})
 
 
@@ -162,7 +162,7 @@ def test_text_problem_is_none_for_any_valid_unicode() -> None:
 
 def test_check_name_returns_the_name_and_refuses_what_it_cannot_store() -> None:
     assert check_name("event_type", "OrderCreated") == "OrderCreated"
-    with pytest.raises(InvalidMessage, match="^event_type contains a NUL"):
+    with pytest.raises(InvalidMessage, match=r"^event_type contains a NUL"):
         check_name("event_type", "\x00")
 
 
