@@ -10,7 +10,8 @@ message accepted on Redis is also accepted after a move to RabbitMQ:
 * routing key ``<aggregate_type>.<event_type>``: at most 255 bytes of UTF-8 (AMQP short string);
 * header names, at every nesting level: non-empty strings of at most 255 bytes (AMQP field-table
   keys are short strings); integers within a signed 64-bit range; only JSON values; at most
-  64 KiB of headers in all (they travel in one AMQP frame, 128 KiB by default on RabbitMQ);
+  64 KiB of headers in all, as JSON or as an AMQP table (they travel in one AMQP frame, 128 KiB
+  by default on RabbitMQ, which closes the connection on a larger one);
   ``CC``/``BCC`` (RabbitMQ sender-selected distribution) must be lists of routing keys;
 * message body: at most the broker's limit (RabbitMQ's ``max_message_size``, 128 MiB by
   default; Redis takes up to 512 MB per value, so the same setting bounds it there too).
@@ -120,12 +121,36 @@ def check_headers(headers: object, *, reserved_prefix: str | None = "outbox-") -
             f"headers must be JSON-serializable: {exc}. Convert the value to str, int, float, "
             "bool, None, list or dict before adding the message."
         ) from None
-    size = len(serialized.encode())
+    size = max(len(serialized.encode()), amqp_table_size(headers))
     if size > MAX_HEADERS_BYTES:
         raise InvalidMessage(
-            f"headers are {size} bytes serialized; the limit is {MAX_HEADERS_BYTES} (they travel "
+            f"headers are {size} bytes encoded; the limit is {MAX_HEADERS_BYTES} (they travel "
             "in one AMQP frame). Put large data in the payload."
         )
+
+
+def amqp_table_size(table: Mapping[str, Any]) -> int:
+    """Bytes of ``table`` encoded as an AMQP 0-9-1 field table, as py-amqp writes it (a header
+    frame larger than the broker's ``frame_max`` makes RabbitMQ close the whole connection)."""
+    return 4 + sum(
+        1 + len(k.encode("utf-8", "surrogatepass")) + _item_size(v) for k, v in table.items()
+    )
+
+
+def _item_size(value: object) -> int:
+    if isinstance(value, str):
+        return 5 + len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, bool):
+        return 2
+    if isinstance(value, float):
+        return 9
+    if isinstance(value, int):
+        return 5 if -2147483647 <= value <= 2147483647 else 9
+    if isinstance(value, dict):
+        return 1 + amqp_table_size(value)
+    if isinstance(value, list | tuple):
+        return 5 + sum(_item_size(v) for v in value)
+    return 1  # None (void); other types were refused before
 
 
 def _check_table(path: str, table: Mapping[Any, Any]) -> None:

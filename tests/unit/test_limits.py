@@ -14,6 +14,7 @@ from outbox_tasks.limits import (
     INT64_MIN,
     MAX_HEADERS_BYTES,
     MAX_ROUTING_KEY_BYTES,
+    amqp_table_size,
     check_headers,
     check_message_size,
     check_name,
@@ -179,3 +180,28 @@ def test_the_message_size_limit_defaults_to_rabbitmqs_128_mib() -> None:
         InvalidMessage, match="message body is 101 bytes; the broker's limit is 100"
     ):
         check_message_size(101, 100)
+
+
+def test_headers_are_measured_as_the_amqp_table_rabbitmq_receives() -> None:
+    # 20,000 small integers: 40 KB of JSON but 100 KB as an AMQP array (5 bytes each), over
+    # RabbitMQ's 128 KiB frame once the other properties are added.
+    many = list(range(10)) * 2_000
+
+    with pytest.raises(InvalidMessage, match="bytes encoded; the limit is 65536"):
+        _message(headers={"many": many})
+
+
+def test_amqp_table_size_is_what_py_amqp_writes() -> None:
+    from amqp.serialization import dumps
+
+    headers = {
+        "s": "caf\u00e9",
+        "i": 7,
+        "big": INT64_MAX,
+        "f": 1.5,
+        "b": True,
+        "n": None,
+        "d": {"x": [1, "y", {"z": False}]},
+    }
+
+    assert amqp_table_size(headers) == len(dumps("F", [headers]))
