@@ -14,7 +14,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from outbox_tasks.settings import redact_text
+from outbox_tasks.redaction import redact_text
 
 _STANDARD = frozenset(
     vars(logging.LogRecord("x", logging.INFO, "x", 0, "x", None, None)).keys()
@@ -23,7 +23,7 @@ _STANDARD = frozenset(
 
 class JsonFormatter(logging.Formatter):
     """One JSON object per record. A URL's password never reaches the log: the whole line
-    (message, fields, traceback) goes through ``settings.redact_text``."""
+    (message, fields, traceback) goes through ``redaction.redact_text``."""
 
     def format(self, record: logging.LogRecord) -> str:
         data: dict[str, Any] = {

@@ -11,7 +11,8 @@ import pytest
 
 from outbox_tasks.errors import ConfigurationError
 from outbox_tasks.logs import JsonFormatter
-from outbox_tasks.settings import Settings, describe, env_var, redact_text, redact_url
+from outbox_tasks.redaction import redact_text, redact_url
+from outbox_tasks.settings import Settings, describe, env_var
 
 # (env var, bad value, a phrase of what is expected)
 BAD_VALUES: list[tuple[str, str, str]] = [
