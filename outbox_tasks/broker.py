@@ -3,7 +3,8 @@
 One home for: the broker URL schemes (:func:`broker_scheme`, :func:`is_amqp`), the ONE
 classification of driver errors that mean "the broker is unavailable" (:func:`broker_errors`)
 and the wrapper that turns them into :class:`~outbox_tasks.errors.BrokerUnavailable`
-(:func:`broker_call`), connection release (:func:`release`, :func:`forget`, :func:`released`,
+(:func:`broker_call`), the classification of everything else that can go wrong while publishing
+(:func:`publish_fault`), connection release (:func:`release`, :func:`forget`, :func:`released`,
 :func:`redis_client`) and the message format of kombu's Redis transport
 (:func:`decode_redis_item`, :func:`mark_redelivered`, :func:`as_bytes`).
 
@@ -24,14 +25,20 @@ from outbox_tasks.errors import (
     ERROR_TEXT_MAX,
     BrokerUnavailable,
     ConfigurationError,
+    InvalidMessage,
     OutboxError,
     describe_error,
 )
 
 __all__ = [
     "AMQP_SCHEMES",
+    "BROKER_NACK",
+    "BROKER_UNAVAILABLE",
+    "INVALID_MESSAGE",
+    "MESSAGE_REJECTED",
     "PERSISTENT",
     "REDIS_SCHEMES",
+    "UNKNOWN_ERROR",
     "as_bytes",
     "broker_call",
     "broker_errors",
@@ -42,6 +49,8 @@ __all__ = [
     "is_amqp",
     "kombu",
     "mark_redelivered",
+    "publish_fault",
+    "publish_outage",
     "redis_client",
     "release",
     "released",
@@ -54,6 +63,42 @@ PERSISTENT: Final = 2
 """AMQP ``delivery_mode`` of a message the broker keeps on disk."""
 
 ErrorTypes = tuple[type[BaseException], ...]
+
+# --- what went wrong while publishing: one classification (the error_type metric label) -------
+BROKER_UNAVAILABLE: Final = "broker_unavailable"
+"""An outage: the broker as a whole cannot take messages now. Opens the circuit; no retry spent."""
+MESSAGE_REJECTED: Final = "message_rejected"
+"""The broker refused this message alone. Retried with backoff, then dead-lettered (parked)."""
+BROKER_NACK: Final = "broker_nack"
+"""Backpressure: a healthy broker did not take the message now (RabbitMQ ``basic.nack``: a bound
+queue is full with ``x-overflow=reject-publish``, or a queue is unavailable). Retried without
+spending the retry budget, for a bounded time, then dead-lettered. It may have reached the other
+queues: every re-send is flagged ``outbox-redelivered``."""
+INVALID_MESSAGE: Final = "invalid_message"
+"""The relay's own check before sending (``outbox_tasks.limits``): the broker would refuse it
+whatever happens. Dead-lettered at once."""
+UNKNOWN_ERROR: Final = "unknown_error"
+"""An exception nobody recognised: treated as refused for this message (logged with its type)."""
+
+# Redis answers these to every write while it is out of memory, read-only, loading or failing
+# over: the whole broker cannot take messages, not just this one.
+_REDIS_OUTAGE_REPLIES: Final = (
+    "OOM",
+    "READONLY",
+    "MISCONF",
+    "LOADING",
+    "BUSY",
+    "MASTERDOWN",
+    "NOREPLICAS",
+    "CLUSTERDOWN",
+    "TRYAGAIN",
+    "NOAUTH",
+    "NOPERM",
+)
+# AMQP reply codes of a channel error that is about the message itself: 406 PRECONDITION_FAILED
+# (e.g. over RabbitMQ's max_message_size). Any other channel error (404 exchange gone, 403 no
+# permission) holds for every message: an outage until someone fixes it.
+_AMQP_MESSAGE_REPLY_CODES: Final = frozenset({406})
 
 
 def kombu(path: str) -> Any:
@@ -117,6 +162,58 @@ def broker_errors(url: str) -> ErrorTypes:
     )
 
 
+def publish_outage(error: BaseException, outage: ErrorTypes) -> bool:
+    """True when ``error``, raised while publishing, means the broker as a whole cannot take
+    messages now (``outage`` is :func:`broker_errors` of the URL): a connection error, a timeout,
+    a channel error that is not about one message, Redis refusing every write (OOM, READONLY,
+    ...). False for everything that may be this message's own fault."""
+    if isinstance(error, BrokerUnavailable):
+        return True
+    if isinstance(error, OutboxError):
+        return False
+    reply_code = getattr(error, "reply_code", None)
+    if _is_amqp_channel_error(error) and reply_code in _AMQP_MESSAGE_REPLY_CODES:
+        return False
+    if _is_redis_reply_error(error):
+        return str(error).split(" ", 1)[0].upper() in _REDIS_OUTAGE_REPLIES
+    return isinstance(error, outage)
+
+
+def publish_fault(error: BaseException) -> str:
+    """The error type (metric label) of an exception that escaped publishing and is not an
+    outage (see :func:`publish_outage`): :data:`INVALID_MESSAGE` for our own checks,
+    :data:`MESSAGE_REJECTED` for what the drivers say about one message (a frame that cannot be
+    encoded, RabbitMQ's 406, a Redis error reply), :data:`UNKNOWN_ERROR` for anything else."""
+    if isinstance(error, BrokerUnavailable):
+        return BROKER_UNAVAILABLE
+    if isinstance(error, InvalidMessage):
+        return INVALID_MESSAGE
+    if _is_encoding_error(error) or _is_amqp_channel_error(error) or _is_redis_reply_error(error):
+        return MESSAGE_REJECTED
+    return UNKNOWN_ERROR
+
+
+def _is_amqp_channel_error(error: BaseException) -> bool:
+    from amqp.exceptions import ChannelError
+
+    return isinstance(error, ChannelError)
+
+
+def _is_redis_reply_error(error: BaseException) -> bool:
+    import redis.exceptions
+
+    return isinstance(error, redis.exceptions.ResponseError)
+
+
+def _is_encoding_error(error: BaseException) -> bool:
+    import struct
+
+    from amqp.exceptions import FrameSyntaxError
+
+    # py-amqp: a short string over 255 bytes (struct.error), a value it cannot put in a table.
+    return isinstance(error, struct.error | FrameSyntaxError | UnicodeError)
+
+
 @contextlib.contextmanager
 def broker_call(
     url: str,
@@ -125,6 +222,7 @@ def broker_call(
     errors: ErrorTypes | None = None,
     on_failure: Callable[[], None] | None = None,
     limit: int = ERROR_TEXT_MAX,
+    publishing: bool = False,
 ) -> Iterator[None]:
     """Run the block, translating broker outages into :class:`BrokerUnavailable`.
 
@@ -133,7 +231,8 @@ def broker_call(
     driver's error described in at most ``limit`` characters; the driver error is kept as
     ``__cause__``. Our own errors (:class:`OutboxError`) and anything else pass through
     unchanged. ``on_failure`` runs first whatever the block raised: e.g. drop a connection that
-    may hold half-read frames, so the next call starts fresh.
+    may hold half-read frames, so the next call starts fresh. ``publishing``: classify with
+    :func:`publish_outage` (a 406 or a Redis error reply about one message is not an outage).
     """
     outage = broker_errors(url) if errors is None else errors
     try:
@@ -141,7 +240,12 @@ def broker_call(
     except BaseException as error:
         if on_failure is not None:
             on_failure()
-        if isinstance(error, outage) and not isinstance(error, OutboxError):
+        is_outage = (
+            publish_outage(error, outage)
+            if publishing and isinstance(error, Exception)
+            else isinstance(error, outage)
+        )
+        if is_outage and not isinstance(error, OutboxError):
             raise BrokerUnavailable(
                 f"broker {safe_url(url)} unavailable while {what}: "
                 f"{describe_error(error, limit=limit)}"

@@ -25,6 +25,13 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from outbox_tasks.broker import (
+    BROKER_NACK,
+    BROKER_UNAVAILABLE,
+    INVALID_MESSAGE,
+    MESSAGE_REJECTED,
+    UNKNOWN_ERROR,
+)
 from outbox_tasks.store.records import Row
 
 # Every metric outbox_tasks exports: (name, type, labels). Dashboards and alert rules may use only
@@ -52,9 +59,13 @@ METRIC_CATALOG: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 
 # Every value ``outbox_publish_errors_total{error_type}`` can take. Each starts at 0 as soon as
 # the metrics exist, so a dashboard shows 0 rather than "no data" and rate() works from the start.
+# The classification is ``outbox_tasks.sending``'s (docs/runbook.md has an entry for each).
 PUBLISH_ERROR_TYPES: tuple[str, ...] = (
-    "broker_unavailable",
-    "message_rejected",
+    BROKER_UNAVAILABLE,
+    MESSAGE_REJECTED,
+    BROKER_NACK,
+    INVALID_MESSAGE,
+    UNKNOWN_ERROR,
     "lease_lost",
 )
 

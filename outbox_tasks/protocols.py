@@ -26,9 +26,17 @@ class BatchOutcome(Protocol):
     def failed(self) -> dict[str, str]: ...
     @property
     def skipped(self) -> list[str]: ...
+    @property
+    def deferred(self) -> dict[str, str]: ...
+    @property
+    def maybe_sent(self) -> list[str]: ...
 
 
 class Publisher(Protocol):
+    """Publishes a batch in order; raises ``BrokerUnavailable`` for an outage. Anything else it
+    raises is treated as refused for one (unknown) message of the batch: the relay sends the
+    batch again one message at a time to find which."""
+
     def publish_batch(self, messages: Sequence[OutboundMessage]) -> BatchOutcome: ...
 
 
@@ -71,6 +79,7 @@ class RelayTransaction(Protocol):
         failures: Sequence[Failure],
         *,
         delete_published: bool,
+        maybe_sent: Sequence[uuid.UUID] = (),
     ) -> FinishResult: ...
 
 

@@ -8,7 +8,8 @@ One publish cycle (DESIGN 4.1, with the shape changes explained in docs/relay.md
    a. lock a batch (slot-major, seq order; blocked aggregates skipped), drop rows that would
       overtake an earlier pending row of their aggregate, record the batch as in flight and
       renew the lease, commit;
-   b. publish through the broker publisher (one pipeline / one confirm wave per aggregate rank);
+   b. check and publish through the broker publisher (one pipeline / one confirm wave per
+      aggregate rank), each message's fate classified by ``sending``;
    c. mark published and record failures in one fenced statement.
 3. Release the lease; report whether the partition still has work (the caller chains a claim).
 
@@ -21,7 +22,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from outbox_tasks.circuit import Circuit
@@ -30,13 +32,14 @@ from outbox_tasks.errors import BrokerUnavailable
 from outbox_tasks.logs import event, get_logger
 from outbox_tasks.partitioning import slot_range
 from outbox_tasks.protocols import NullObserver, Observer, Publisher, RelayStore, RelayTransaction
-from outbox_tasks.retry import GiveUp, decide, system_jitter
+from outbox_tasks.retry import system_jitter
+from outbox_tasks.sending import failures as record_failures
+from outbox_tasks.sending import send_batch
 from outbox_tasks.settings import Settings
-from outbox_tasks.store.records import Failure, Lease, Row
+from outbox_tasks.store.records import Lease, Row
 
 log = get_logger("relay")
 
-MAX_ERROR_LENGTH = 2000
 # Extra selections per batch when blocked aggregates crowd out the rest (see _select_batch).
 MAX_RESELECTS = 4
 
@@ -138,6 +141,7 @@ class Relay:
         self.clock = clock
         self.jitter = jitter
         self.circuit = circuit or Circuit(clock=clock, max_seconds=settings.circuit_max_seconds)
+        self._redeliver: set[uuid.UUID] = set()
         if self.circuit.on_change is None:
             self.circuit.on_change = lambda is_open: self._observer.call("circuit_changed", is_open)
 
@@ -196,6 +200,8 @@ class Relay:
             return report
         deadline = self.clock() + self.settings.publish_task_seconds
         cursor = lease.cursor_slot
+        # Rows that may have reached the broker before: flagged ``outbox-redelivered`` when sent.
+        self._redeliver = set(lease.redeliver_ids)
         try:
             while True:
                 outcome = self._one_batch(lease, cursor, report)
@@ -266,23 +272,38 @@ class Relay:
             rows=len(batch),
         )
         started = self.clock()
-        messages = [self._message(lease, row) for row in batch]
-        result = self.publisher.publish_batch(messages)
+
+        def build(row: Row, resend: bool) -> OutboundMessage:
+            return message_for_row(
+                row,
+                partition=lease.partition,
+                epoch=lease.epoch,
+                redelivered=resend or row.id in self._redeliver,
+            )
+
+        sent = send_batch(
+            self.publisher, batch, build, max_message_bytes=self.settings.max_message_bytes
+        )
         self.circuit.record_success()
-        failures = self._failures(batch, result.failed)
-        published = set(result.published)
-        ok_rows = [row for row, m in zip(batch, messages, strict=True) if m.event_id in published]
+        failures = record_failures(batch, sent, self.settings, self.jitter)
+        for failure in failures:
+            self._observer.call("message_failed", sent.refused[str(failure.id)].error_type)
+        published = set(sent.published)
+        ok_rows = [row for row in batch if str(row.id) in published]
         ok_ids = [row.id for row in ok_rows]
+        maybe_sent = [row.id for row in batch if str(row.id) in sent.maybe_sent]
         with self._store.transaction("finish batch") as tx:
             finish = tx.finish_batch(
                 lease,
                 ok_ids,
                 failures,
                 delete_published=self.settings.cleanup_mode == "delete",
+                maybe_sent=maybe_sent,
             )
         if not finish.fenced_ok:
             self._lost(lease, report)
             return None
+        self._redeliver.update(maybe_sent)
         report.batches += 1
         report.published += finish.marked
         report.failed += finish.failed
@@ -303,10 +324,11 @@ class Relay:
                 log,
                 logging.WARNING,
                 "publish_failed",
-                "messages failed; they will be retried",
+                "messages failed; they are retried or, when parked, dead-lettered",
                 partition=lease.partition,
                 failed=len(failures),
-                parked=sum(1 for f in failures if f.delay_seconds is None),
+                parked=finish.parked,
+                error_types=sorted({sent.refused[str(f.id)].error_type for f in failures}),
                 first_error=failures[0].error[:200],
             )
         event(
@@ -317,7 +339,7 @@ class Relay:
             partition=lease.partition,
             epoch=lease.epoch,
             published=finish.marked,
-            skipped=len(result.skipped),
+            skipped=len(sent.skipped),
         )
         return next_cursor, full
 
@@ -374,38 +396,6 @@ class Relay:
         ]
         kept.sort(key=lambda r: r.seq)
         return kept
-
-    def _message(self, lease: Lease, row: Row) -> OutboundMessage:
-        return message_for_row(
-            row,
-            partition=lease.partition,
-            epoch=lease.epoch,
-            redelivered=row.id in lease.redeliver_ids,
-        )
-
-    def _failures(self, batch: Sequence[Row], failed: dict[str, str]) -> list[Failure]:
-        result = []
-        for row in batch:
-            error = failed.get(str(row.id))
-            if error is None:
-                continue
-            decision = decide(
-                row.retry_count,
-                max_retries=self.settings.max_retries,
-                base_seconds=self.settings.backoff_base_seconds,
-                max_seconds=self.settings.backoff_max_seconds,
-                jitter=self.jitter(),
-            )
-            self._observer.call("message_failed", "message_rejected")
-            result.append(
-                Failure(
-                    id=row.id,
-                    retry_count=decision.retry_count,
-                    error=error[:MAX_ERROR_LENGTH],
-                    delay_seconds=None if isinstance(decision, GiveUp) else decision.delay_seconds,
-                )
-            )
-        return result
 
     def _lost(self, lease: Lease, report: PublishReport) -> None:
         report.lease_lost = True

@@ -14,10 +14,11 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from outbox_tasks.errors import ConfigurationError
 from outbox_tasks.limits import DEFAULT_MAX_MESSAGE_BYTES
+from outbox_tasks.redaction import redact_url
 
 ENV_PREFIX = "OUTBOX_"
 SLOT_COUNT = 1024  # fixed slot range (DESIGN 4.2); partitions are contiguous slot ranges
@@ -25,41 +26,6 @@ SLOT_COUNT = 1024  # fixed slot range (DESIGN 4.2); partitions are contiguous sl
 CLEANUP_MODES = ("delete", "retain", "archive")
 DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
-
-REDACTED = "***"
-# Query parameters that carry a secret (libpq's password, redis-py's password, tokens).
-_SECRET_QUERY = re.compile(r"pass|secret|token", re.IGNORECASE)
-# ``scheme://user:password@`` anywhere in a text (a driver's error message, a log line).
-_URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^\s:/@]*):(?P<pw>[^\s@/]*)@")
-_QUERY_SECRET = re.compile(r"(?P<head>[?&][^=&\s]*(?:pass|secret|token)[^=&\s]*=)[^&\s]*", re.I)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with its password (and secret query parameters) replaced by ``***``; safe to
-    print or log. Anything that does not parse as a URL goes through :func:`redact_text`."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return redact_text(url)
-    netloc = parts.netloc
-    userinfo, at, hostport = netloc.rpartition("@")
-    if at and ":" in userinfo:
-        netloc = f"{userinfo.partition(':')[0]}:{REDACTED}@{hostport}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(_SECRET_QUERY.search(k) for k, _ in pairs):
-            query = urlencode(
-                [(k, REDACTED if _SECRET_QUERY.search(k) else v) for k, v in pairs], safe="*/:"
-            )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def redact_text(text: str) -> str:
-    """Every ``scheme://user:password@`` and ``?password=...`` in a free text, with the secret
-    replaced by ``***`` (for error messages and log lines that may quote a URL)."""
-    text = _URL_PASSWORD.sub(lambda m: f"{m['head']}:{REDACTED}@", text)
-    return _QUERY_SECRET.sub(lambda m: f"{m['head']}{REDACTED}", text)
 
 
 class _Invalid(ValueError):
@@ -246,6 +212,12 @@ class Settings:
         _int(1024, 512 * 1024 * 1024),
         "Largest message body the broker takes (RabbitMQ's max_message_size, 128 MiB by "
         "default); a bigger row is dead-lettered instead of sent. Bounds Redis too.",
+    )
+    backpressure_max_seconds: float = _setting(
+        300.0,
+        _seconds(allow_zero=True),
+        "How long a message the broker nacks (a bound queue is full) keeps being retried, "
+        "without spending its retries, before it is dead-lettered (reason broker_nack).",
     )
     broker_timeout_seconds: float = _setting(
         10.0, _seconds(), "Connect and confirm timeout when publishing to the broker."

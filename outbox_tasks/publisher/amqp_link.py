@@ -20,7 +20,12 @@ from outbox_tasks.envelope import CONTENT_ENCODING, CONTENT_TYPE, OutboundMessag
 from outbox_tasks.errors import ConfigurationError
 from outbox_tasks.publisher.results import BatchResult, encoding_failure
 
-__all__ = ["AmqpLink"]
+__all__ = ["NACK_REASON", "AmqpLink"]
+
+NACK_REASON = (
+    "not taken by the broker (basic.nack): a bound queue is full (x-overflow=reject-publish) or "
+    "unavailable"
+)
 
 # kombu is only partly annotated: it is called through ``Any`` rather than through ignores.
 _exchange: Any = Exchange
@@ -95,6 +100,7 @@ class AmqpLink:
 
         published: list[str] = []
         failed: dict[str, str] = {}
+        deferred: dict[str, str] = {}
         skipped: list[str] = []
         unroutable = 0
         lanes = _lanes(messages)
@@ -122,12 +128,15 @@ class AmqpLink:
             for index in wave:
                 event_id = messages[index].event_id
                 if messages[index].aggregate_key in nacked:
-                    failed[event_id] = "rejected by the broker (basic.nack)"
+                    deferred[event_id] = NACK_REASON
                 else:
                     published.append(event_id)
                     if event_id in self._returned:
                         unroutable += 1
-        return BatchResult(published, failed, skipped, unroutable)
+        # A nack says a queue did not take it, not that none did: the others keep their copy.
+        return BatchResult(
+            published, failed, skipped, unroutable, deferred=deferred, maybe_sent=list(deferred)
+        )
 
     def _prepare(self, message: OutboundMessage) -> tuple[Any, str | None]:
         wire = self._channel.prepare_message(

@@ -93,8 +93,11 @@ class BrokerPublisher:
     def publish_batch(self, messages: Sequence[OutboundMessage]) -> BatchResult:
         """Publish ``messages`` in order; see :class:`BatchResult` for the outcome of each.
 
-        Raises :class:`BrokerUnavailable` when the broker cannot be reached or does not answer
-        within the timeout; then nothing of the batch may be assumed published.
+        Raises :class:`BrokerUnavailable` when the broker cannot be reached, does not answer
+        within the timeout or refuses every message (``broker.publish_outage``); then nothing
+        of the batch may be assumed published. Any other exception (a frame py-amqp cannot
+        encode, RabbitMQ's 406 for one message, a Redis error reply) is raised as it is: the
+        caller cannot tell which message of the batch caused it (``broker.publish_fault``).
         """
         if not messages:
             return BatchResult(published=[], failed={}, skipped=[])
@@ -151,4 +154,5 @@ class BrokerPublisher:
             errors=self._broker_errors,
             on_failure=self._drop,
             limit=FAILURE_TEXT_MAX,
+            publishing=True,
         )

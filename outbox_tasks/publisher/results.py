@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final
 
 from outbox_tasks.errors import describe_error
@@ -23,6 +23,13 @@ class BatchResult:
     """Event ids not sent because an earlier message of the same aggregate failed."""
     unroutable: int = 0
     """Published messages that matched no binding and were dropped by the exchange."""
+    deferred: dict[str, str] = field(default_factory=dict)
+    """Event id -> reason, for messages a healthy broker did not take now (backpressure: a
+    RabbitMQ ``basic.nack``, e.g. a bound queue full with ``x-overflow=reject-publish``)."""
+    maybe_sent: list[str] = field(default_factory=list)
+    """Event ids of ``failed`` or ``deferred`` messages that may have reached some queue all the
+    same (a nack still lets the other bound queues keep their copy): a re-send must be flagged
+    ``outbox-redelivered``."""
 
 
 def encoding_failure(exc: BaseException) -> str:

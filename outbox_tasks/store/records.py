@@ -43,12 +43,18 @@ class Row:
 
 @dataclass(frozen=True, slots=True)
 class Failure:
-    """A message-specific failure to record. ``delay_seconds`` None means: give up (park)."""
+    """A failure to record. ``delay_seconds`` None means: give up (park).
+
+    ``patience_seconds`` (backpressure): the store parks the row instead when its first failure
+    is older than that, and waits at least half the time it has been failing (so re-sends thin
+    out while a queue stays full).
+    """
 
     id: uuid.UUID
     retry_count: int
     error: str
     delay_seconds: float | None
+    patience_seconds: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,3 +63,5 @@ class FinishResult:
     marked: int
     failed: int
     finished_at: datetime | None
+    parked: int = 0
+    """Of ``failed``, the rows parked (dead-lettered) by this statement."""

@@ -24,7 +24,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
 from outbox_tasks.db import translate_errors
-from outbox_tasks.store.records import Failure, FinishResult, Lease, Row
+from outbox_tasks.store.finish import finish_batch
+from outbox_tasks.store.records import Lease, Row
 
 # Serializes lease grants across partition counts (repartitioning, DESIGN 4.2). Held for one
 # short transaction per grant; the value is arbitrary but fixed ("outbox" in ASCII).
@@ -364,91 +365,6 @@ def pending_seqs(
         },
     )
     return {(r.aggregate_type, r.aggregate_id): list(r.seqs) for r in result}
-
-
-# --- finishing a batch ------------------------------------------------------------------------
-
-_FENCE_CTE = """
-    lease AS (
-        UPDATE outbox_partition
-        SET inflight_ids = NULL,
-            published_count = published_count + :n_ok,
-            last_published_at = CASE WHEN :n_ok > 0 THEN clock_timestamp()
-                                     ELSE last_published_at END
-        WHERE partition_count = :n AND partition = :p AND epoch = :epoch
-          AND leased_until > clock_timestamp()
-        RETURNING clock_timestamp() AS at
-    )"""
-
-_FAILED_CTE = """
-    failed AS (
-        UPDATE outbox o
-        SET retry_count = f.retry_count,
-            last_error = f.error,
-            first_failed_at = COALESCE(o.first_failed_at, clock_timestamp()),
-            -- Parked rows have no next attempt: dead_lettered_at holds their aggregate.
-            next_attempt_at = CASE WHEN f.delay IS NULL THEN NULL
-                              ELSE clock_timestamp() + make_interval(secs => f.delay) END,
-            dead_lettered_at = CASE WHEN f.delay IS NULL THEN clock_timestamp() END
-        FROM unnest(CAST(:f_ids AS uuid[]), CAST(:f_counts AS integer[]),
-                    CAST(:f_errors AS text[]), CAST(:f_delays AS float8[]))
-             AS f(id, retry_count, error, delay)
-        WHERE o.id = f.id AND o.published_at IS NULL AND EXISTS (SELECT 1 FROM lease)
-        RETURNING o.id
-    )"""
-
-
-def _finish(done: str) -> Any:
-    """The per-batch finishing statement: fence, ``done`` (mark or delete), failures."""
-    return text(
-        "WITH"
-        + _FENCE_CTE
-        + f""",
-    done AS (
-        {done}
-        WHERE id = ANY(CAST(:ok_ids AS uuid[])) AND published_at IS NULL
-          AND EXISTS (SELECT 1 FROM lease)
-        RETURNING id
-    ),"""
-        + _FAILED_CTE
-        + """
-    SELECT (SELECT at FROM lease) AS at, (SELECT count(*) FROM done) AS done,
-           (SELECT count(*) FROM failed) AS failed
-    """
-    )
-
-
-_FINISH_MARK = _finish("UPDATE outbox SET published_at = (SELECT at FROM lease)")
-# OUTBOX_CLEANUP_MODE=delete: the published rows go in the same statement that would mark them.
-_FINISH_DELETE = _finish("DELETE FROM outbox")
-
-
-def finish_batch(
-    conn: Connection,
-    lease: Lease,
-    published_ids: Sequence[uuid.UUID],
-    failures: Sequence[Failure],
-    *,
-    delete_published: bool,
-) -> FinishResult:
-    """Mark published (or delete) and record failures in ONE fenced statement per batch."""
-    row = conn.execute(
-        _FINISH_DELETE if delete_published else _FINISH_MARK,
-        {
-            "n": lease.partition_count,
-            "p": lease.partition,
-            "epoch": lease.epoch,
-            "n_ok": len(published_ids),
-            "ok_ids": list(published_ids),
-            "f_ids": [f.id for f in failures],
-            "f_counts": [f.retry_count for f in failures],
-            "f_errors": [f.error for f in failures],
-            "f_delays": [f.delay_seconds for f in failures],
-        },
-    ).one()
-    return FinishResult(
-        fenced_ok=row.at is not None, marked=row.done, failed=row.failed, finished_at=row.at
-    )
 
 
 # --- the store the relay talks to -------------------------------------------------------------

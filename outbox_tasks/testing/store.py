@@ -153,6 +153,35 @@ class InMemoryRelayStore:
                 ids.append(message.id)
             return ids
 
+    def add_row(
+        self,
+        *,
+        aggregate_type: str,
+        aggregate_id: str,
+        event_type: str,
+        payload: Any = None,
+        headers: Any = None,
+        event_id: uuid.UUID | None = None,
+    ) -> uuid.UUID:
+        """Store one row as a plain SQL ``INSERT`` would: nothing is validated (a routing key
+        over 255 bytes, headers that are not a dict...). Returns its id."""
+        with self._lock:
+            row_id = event_id or uuid.uuid4()
+            self._rows[row_id] = OutboxRecord(
+                id=row_id,
+                aggregate_type=aggregate_type,
+                aggregate_id=aggregate_id,
+                event_type=event_type,
+                payload_json=json.dumps(payload, separators=(",", ":")),
+                headers={} if headers is None else headers,
+                schema_version=1,
+                seq=self._next_seq,
+                slot=slot_of(aggregate_type, aggregate_id),
+                created_at=self._timestamp(),
+            )
+            self._next_seq += 1
+            return row_id
+
     def rows(self) -> list[OutboxRecord]:
         """Every stored row (published ones too, unless published in delete mode), in seq order."""
         with self._lock:
@@ -345,6 +374,7 @@ class InMemoryRelayTransaction:
         failures: Sequence[Failure],
         *,
         delete_published: bool,
+        maybe_sent: Sequence[uuid.UUID] = (),
     ) -> FinishResult:
         now = self._now
         record = self._held(lease.partition_count, lease.partition, lease.epoch)
@@ -354,6 +384,7 @@ class InMemoryRelayTransaction:
             replace(
                 record,
                 inflight_ids=frozenset(),
+                redeliver_ids=record.redeliver_ids | frozenset(maybe_sent),
                 published_count=record.published_count + len(published_ids),
             )
         )
@@ -364,12 +395,17 @@ class InMemoryRelayTransaction:
                 continue
             self._put_row(event_id, None if delete_published else replace(row, published_at=now))
             marked += 1
-        failed = 0
+        failed = parked = 0
         for failure in failures:
             row = self._rows.get(failure.id)
             if row is None or not row.pending:
                 continue
-            park = failure.delay_seconds is None
+            failing = 0.0 if row.first_failed_at is None else now - row.first_failed_at
+            patience = failure.patience_seconds
+            park = failure.delay_seconds is None or (
+                patience is not None and row.first_failed_at is not None and failing >= patience
+            )
+            delay = max(failure.delay_seconds or 0.0, failing / 2 if patience is not None else 0.0)
             self._put_row(
                 failure.id,
                 replace(
@@ -377,16 +413,18 @@ class InMemoryRelayTransaction:
                     retry_count=failure.retry_count,
                     last_error=failure.error,
                     first_failed_at=now if row.first_failed_at is None else row.first_failed_at,
-                    next_attempt_at=None if park else now + (failure.delay_seconds or 0.0),
+                    next_attempt_at=None if park else now + delay,
                     dead_lettered_at=now if park else None,
                 ),
             )
             failed += 1
+            parked += park
         return FinishResult(
             fenced_ok=True,
             marked=marked,
             failed=failed,
             finished_at=datetime.fromtimestamp(now, UTC),
+            parked=parked,
         )
 
     # --- bookkeeping ----------------------------------------------------------------------------

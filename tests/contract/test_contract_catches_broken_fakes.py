@@ -53,9 +53,14 @@ class _IgnoresTheEpoch(_Wrapped):
         failures: Sequence[Failure],
         *,
         delete_published: bool,
+        maybe_sent: Sequence[uuid.UUID] = (),
     ) -> FinishResult:
         return self.tx.finish_batch(
-            self._current(lease), published_ids, failures, delete_published=delete_published
+            self._current(lease),
+            published_ids,
+            failures,
+            delete_published=delete_published,
+            maybe_sent=maybe_sent,
         )
 
     def take_over_lease(self, *, partition_count: int, partition: int, **options: Any) -> Any:

@@ -29,6 +29,7 @@ from kombu.messaging import Consumer, Producer
 from outbox_tasks.envelope import CONTENT_ENCODING, CONTENT_TYPE, OutboundMessage
 from outbox_tasks.errors import BrokerUnavailable, ConfigurationError
 from outbox_tasks.publisher import BatchResult, BrokerPublisher
+from outbox_tasks.publisher.amqp_link import NACK_REASON
 from tests.support.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(90)
@@ -535,7 +536,7 @@ def test_a_redis_batch_with_no_binding_at_all_is_all_unroutable(redis_broker: Br
 # --------------------------------------------------------------------------------------------
 
 
-def test_a_rabbitmq_nack_fails_that_message_and_skips_the_rest_of_its_aggregate(
+def test_a_rabbitmq_nack_defers_that_message_as_maybe_sent_and_skips_the_rest_of_its_aggregate(
     amqp_broker: Broker,
 ) -> None:
     observer = amqp_broker.bind("#")
@@ -546,7 +547,10 @@ def test_a_rabbitmq_nack_fails_that_message_and_skips_the_rest_of_its_aggregate(
 
     result = amqp_broker.publisher().publish_batch([a1, a2, a3, b1, b2])
 
-    assert result.failed == {a2.event_id: "rejected by the broker (basic.nack)"}
+    # Backpressure, not the message's fault (issue 11, item 2).
+    assert result.failed == {}
+    assert result.deferred == {a2.event_id: NACK_REASON}
+    assert result.maybe_sent == [a2.event_id]
     assert result.skipped == [a3.event_id]
     assert result.published == ids([a1, b1, b2])
     seen = [m.properties["message_id"] for m in amqp_broker.drain(observer, expected=3)]

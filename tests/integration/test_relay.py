@@ -12,7 +12,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from outbox_tasks.envelope import OutboundMessage
+from outbox_tasks.envelope import OutboundMessage, message_for_row
 from outbox_tasks.errors import DatabaseUnavailable
 from outbox_tasks.partitioning import partition_of_aggregate
 from outbox_tasks.publisher import BatchResult, BrokerPublisher
@@ -240,7 +240,12 @@ def test_rows_sent_by_a_crashed_holder_are_resent_marked_redelivered(
             conn, lease, ids=[r.id for r in rows], cursor_slot=0, lease_seconds=30
         )
     with collecting(settings.broker_url, settings.exchange) as collector:
-        publisher.publish_batch([relay._message(lease, r) for r in rows])
+        publisher.publish_batch(
+            [
+                message_for_row(r, partition=lease.partition, epoch=lease.epoch, redelivered=False)
+                for r in rows
+            ]
+        )
         later = insert_events(engine, [("Order", "new")])
         expire_leases(engine)
         assert drain(make_relay(settings, engine, publisher, owner="next")) == 11
