@@ -24,16 +24,19 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import Any, cast
 
 from sqlalchemy.engine import Connection, Engine
 
+from outbox_tasks.broker import BROKER_NACK
 from outbox_tasks.envelope import OutboundMessage, message_for_row
 from outbox_tasks.errors import InvalidMessage, NotFound
+from outbox_tasks.limits import MAX_ROUTING_KEY_BYTES, check_headers
 from outbox_tasks.logs import event, get_logger
 from outbox_tasks.partitioning import partition_of
 from outbox_tasks.protocols import Publisher
+from outbox_tasks.sending import send_batch
 from outbox_tasks.settings import Settings
 from outbox_tasks.store import deadletter as store
 from outbox_tasks.store import reports
@@ -47,6 +50,7 @@ from outbox_tasks.store.deadletter import (
 
 # DeadLetterView and Filters are the shapes of the store's queries, and part of this API.
 __all__ = [
+    "H_DEAD_DROPPED",
     "H_DEAD_REASON",
     "H_DEAD_RETRIES",
     "DeadLetterView",
@@ -54,12 +58,14 @@ __all__ = [
     "Resolution",
     "collect",
     "counts",
+    "dead_copy",
     "default_actor",
     "discard",
     "history",
     "list_dead_letters",
     "parse_ids",
     "replay",
+    "sendable_copy",
     "show",
 ]
 
@@ -67,6 +73,9 @@ log = get_logger("deadletter")
 
 H_DEAD_REASON = "outbox-dead-letter-reason"
 H_DEAD_RETRIES = "outbox-dead-letter-retries"
+# What of the original could not travel with the copy (see ``sendable_copy``).
+H_DEAD_DROPPED = "outbox-dead-letter-dropped"
+ENVELOPE_ALLOWANCE_BYTES = 8192
 
 
 @dataclass
@@ -97,12 +106,40 @@ def default_actor() -> str:
     return f"{user}@{os.uname().nodename}"
 
 
-def _dead_copy(row: ExhaustedRow, settings: Settings) -> OutboundMessage:
+def sendable_copy(row: ExhaustedRow, max_message_bytes: int) -> ExhaustedRow:
+    """The row its dead-letter copy is built from: a row dead-lettered because no broker would
+    take it (``invalid_message``) would be refused again, so what cannot travel is left out and
+    named in a header (user headers, or the payload; the record keeps both)."""
+    dropped: list[str] = []
+    headers: Any = row.headers
+    try:
+        check_headers(headers, reserved_prefix=None)
+    except InvalidMessage as error:
+        headers, dropped = {}, [f"headers ({error})"[:1000]]
+    size = len(row.payload_json.encode())
+    changes: dict[str, Any] = {}
+    # The rest of the envelope (ids, names, a timestamp) fits in a few KiB.
+    if size + ENVELOPE_ALLOWANCE_BYTES > max_message_bytes:
+        changes["payload_json"] = "null"
+        dropped.append(f"payload ({size} bytes)")
+    if dropped:
+        headers = {**headers, H_DEAD_DROPPED: "; ".join(dropped)}
+    return replace(row, headers=headers, **changes)
+
+
+def dead_copy(row: ExhaustedRow, settings: Settings, resend: bool = False) -> OutboundMessage:
+    """The message sent to the dead-letter exchange: the original, plus why it died and its
+    retries; a routing key over 255 bytes is cut (at a character boundary) to fit."""
     message = message_for_row(
-        row, partition=partition_of(row.slot, settings.partitions), epoch=0, redelivered=False
+        row, partition=partition_of(row.slot, settings.partitions), epoch=0, redelivered=resend
     )
     message.headers[H_DEAD_REASON] = (row.last_error or "")[:1000]
     message.headers[H_DEAD_RETRIES] = row.retry_count
+    key = message.routing_key.encode()
+    if len(key) > MAX_ROUTING_KEY_BYTES:
+        message = replace(
+            message, routing_key=key[:MAX_ROUTING_KEY_BYTES].decode("utf-8", "ignore")
+        )
     return message
 
 
@@ -113,35 +150,61 @@ def collect(
     the dead-letter exchange, and drop the outbox rows of ``skip``-policy event types.
 
     The copy is published before the dead letter is recorded: a crash in between re-publishes the
-    copy on the next run (at least once), never loses it.
+    copy on the next run (at least once), never loses it. A copy the broker refuses for good is
+    not retried for ever: the dead letter is recorded without it (logged), so an operator sees
+    it and can replay or discard it. A copy nacked (backpressure) waits for the next run. No
+    single row can stop the others (``sending.send_batch``); an outage raises
+    ``BrokerUnavailable`` and the next run tries again.
     """
     with engine.begin() as conn:
         rows = store.select_exhausted(conn, limit)
         if not rows:
             return {"recorded": 0, "skipped": 0}
-        result = publisher.publish_batch([_dead_copy(r, settings) for r in rows])
-        sent = set(result.published)
+        sendable = [sendable_copy(r, settings.max_message_bytes) for r in rows]
+        sent = send_batch(
+            publisher,
+            sendable,
+            lambda row, resend: dead_copy(cast(ExhaustedRow, row), settings, resend),
+            max_message_bytes=settings.max_message_bytes,
+        )
+        published = set(sent.published)
+        refused = {
+            event_id: refusal
+            for event_id, refusal in sent.refused.items()
+            if refusal.error_type != BROKER_NACK
+        }
+        recorded: list[ExhaustedRow] = []
         skipped_ids = []
         for row in rows:
-            if str(row.id) not in sent:
-                continue  # the copy could not be published: try again next run
+            if str(row.id) not in published and str(row.id) not in refused:
+                continue  # nacked or behind one: try again next run
             policy = settings.event_type_policies.get(row.event_type, "park")
             store.record_dead_letter(conn, row.id, "skipped" if policy == "skip" else "parked")
+            recorded.append(row)
             if policy == "skip":
                 skipped_ids.append(row.id)
         store.drop_skipped(conn, skipped_ids)
-    recorded = len(sent)
+    for event_id, refusal in refused.items():
+        event(
+            log,
+            logging.ERROR,
+            "dead_letter_copy_refused",
+            "the broker refused a dead-letter copy; the dead letter is recorded without it",
+            event_id=event_id,
+            error_type=refusal.error_type,
+            error=refusal.text[:300],
+        )
     if recorded:
         event(
             log,
             logging.WARNING,
             "dead_lettered",
             "messages dead-lettered; their aggregates are parked until replay or discard",
-            count=recorded,
+            count=len(recorded),
             skipped=len(skipped_ids),
-            aggregates=len({(r.aggregate_type, r.aggregate_id) for r in rows}),
+            aggregates=len({(r.aggregate_type, r.aggregate_id) for r in recorded}),
         )
-    return {"recorded": recorded, "skipped": len(skipped_ids)}
+    return {"recorded": len(recorded), "skipped": len(skipped_ids)}
 
 
 def list_dead_letters(

@@ -74,6 +74,17 @@ def check_name(field: str, value: object) -> str:
     return value
 
 
+def routing_key_problem(routing_key: str) -> str | None:
+    """Why an AMQP broker cannot take ``routing_key`` (None when it can)."""
+    size = len(routing_key.encode("utf-8", "surrogatepass"))
+    if size > MAX_ROUTING_KEY_BYTES:
+        return (
+            f"routing key is {size} bytes in UTF-8; the limit is {MAX_ROUTING_KEY_BYTES} "
+            "(an AMQP short string)"
+        )
+    return None
+
+
 def check_routing_key(aggregate_type: str, event_type: str) -> None:
     """``<aggregate_type>.<event_type>`` must fit an AMQP short string (255 bytes of UTF-8)."""
     size = len(f"{aggregate_type}.{event_type}".encode("utf-8", "surrogatepass"))

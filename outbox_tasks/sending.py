@@ -43,7 +43,12 @@ from outbox_tasks.broker import (
 )
 from outbox_tasks.envelope import OutboundMessage
 from outbox_tasks.errors import BrokerUnavailable, InvalidMessage, describe_error
-from outbox_tasks.limits import check_headers, check_message_size, check_routing_key
+from outbox_tasks.limits import (
+    check_headers,
+    check_message_size,
+    check_routing_key,
+    routing_key_problem,
+)
 from outbox_tasks.logs import event, get_logger
 from outbox_tasks.protocols import Publisher
 from outbox_tasks.retry import GiveUp, decide
@@ -77,11 +82,16 @@ class Sent:
 
 
 def problem(row: Row, build: Build, max_message_bytes: int) -> tuple[OutboundMessage | None, str]:
-    """The row's message, or why no broker would take it: (None, reason)."""
+    """The row's message, or why no broker would take it: (None, reason). The built message is
+    routing key checked is the built message's, so a builder may shorten it (the dead-letter
+    copy does)."""
     try:
-        check_routing_key(row.aggregate_type, row.event_type)
         check_headers(row.headers, reserved_prefix=None)
         message = build(row, False)
+        routing_problem = routing_key_problem(message.routing_key)
+        if routing_problem is not None:
+            check_routing_key(row.aggregate_type, row.event_type)  # names both fields
+            raise InvalidMessage(routing_problem)
         check_message_size(len(message.body), max_message_bytes)
     except InvalidMessage as error:
         return None, str(error)
