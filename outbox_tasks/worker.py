@@ -30,6 +30,7 @@ from outbox_tasks.metrics import (
     SNAPSHOT,
     RelayMetrics,
     enable_multiprocess,
+    pid_alive,
     pool_gauge,
     process_exited,
     serve,
@@ -80,8 +81,6 @@ class ProcessRuntime:
         """This process's relay, publishing to OUTBOX_PUBLISH_URL / OUTBOX_EXCHANGE."""
         self._this_process()
         if self._relay is None:
-            if self._metrics is None:
-                self._metrics = RelayMetrics()
             publisher = BrokerPublisher(
                 self.settings.effective_publish_url,
                 self.settings.exchange,
@@ -92,9 +91,15 @@ class ProcessRuntime:
                 PostgresRelayStore(self.engine()),
                 publisher,
                 owner=f"{socket.gethostname()}:{self._pid}",
-                observer=self._metrics,
+                observer=self.metrics(),
             )
         return self._relay
+
+    def metrics(self) -> RelayMetrics:
+        """The relay's metrics, created once per worker (kept across forks)."""
+        if self._metrics is None:
+            self._metrics = RelayMetrics()
+        return self._metrics
 
     def dead_publisher(self) -> BrokerPublisher:
         """This process's publisher to the dead-letter exchange."""
@@ -150,7 +155,7 @@ def outbox_circuit(state: Any) -> dict[str, Any]:
     directory = MetricsServer.directory
     if directory is None:
         return {"open": None}
-    value = pool_gauge(directory, "outbox_circuit_open")
+    value = pool_gauge(directory, "outbox_circuit_open", alive=MetricsServer.alive)
     return {"open": None if value is None else bool(value)}
 
 
@@ -178,9 +183,27 @@ def worker_circuits(timeout: float = 1.0) -> dict[str, bool | None] | None:
 
 
 class MetricsServer:
-    """The worker's Prometheus endpoint (main process), summing the pool's metrics."""
+    """The worker's Prometheus endpoint (main process), summing the pool's metrics.
+
+    Before every scrape and every ``outbox_circuit`` reading, the gauges of processes no longer
+    in the pool are dropped (:meth:`alive`): a pool process killed with ``kill -9`` never says
+    it exited, and its open circuit must not outlive it.
+    """
 
     directory: str | None = None
+    worker: Any = None  # the WorkController, whose pool lists the live processes
+
+    @classmethod
+    def alive(cls, pid: int) -> bool:
+        """Is ``pid`` this main process or a live process of its pool?"""
+        if not pid_alive(pid):
+            return False
+        if pid == os.getpid():
+            return True
+        try:
+            return pid in cls.worker.pool.info["processes"]
+        except Exception:  # no pool yet, or a pool without processes (solo, threads)
+            return True
 
     @classmethod
     def start(cls, port: int) -> None:
@@ -189,8 +212,11 @@ class MetricsServer:
         cls.directory = tempfile.mkdtemp(prefix="outbox-metrics-")
         # Before the pool forks, so every child writes its metrics where we read them.
         enable_multiprocess(cls.directory)
+        # Created here, in the main process, so every known label is served at 0 from the
+        # first scrape (the pool's processes inherit them).
+        runtime.metrics()
         try:
-            serve(port, cls.directory)
+            serve(port, cls.directory, alive=cls.alive)
         except OSError as error:
             event(
                 log,
@@ -213,6 +239,7 @@ class MetricsServer:
 @worker_init.connect
 def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
     configure()
+    MetricsServer.worker = sender
     try:
         MetricsServer.start(runtime.settings.metrics_port)
     except Exception as error:

@@ -17,7 +17,7 @@ from outbox_tasks.cli.options import (
     settings_from_options,
 )
 from outbox_tasks.errors import ConfigurationError
-from outbox_tasks.settings import describe
+from outbox_tasks.settings import describe, env_var
 
 
 @click.command("migrate", help="upgrade the database schema (Alembic)")
@@ -119,9 +119,9 @@ def config_command(markdown: bool) -> int:
     if markdown:
         print(config_table())
         return 0
-    for var, _default, _doc in describe():
-        name = var.removeprefix("OUTBOX_").lower()
-        print(f"{var}={getattr(settings, name)!r}")
+    # As written in the variables, passwords hidden (the values are valid as they stand).
+    for name, shown in settings.printable().items():
+        print(f"{env_var(name)}={shown!r}")
     return 0
 
 

@@ -55,6 +55,12 @@ class ConsumerMetrics:
             registry=target,
         )
 
+    def seed(self, group: str, outcomes: tuple[str, ...]) -> None:
+        """Export every outcome of ``group`` at 0 (a dashboard shows 0, not "no data")."""
+        with contextlib.suppress(Exception):
+            for outcome in outcomes:
+                self.messages.labels(group, outcome)
+
     def count(self, group: str, outcome: str) -> None:
         with contextlib.suppress(Exception):
             self.messages.labels(group, outcome).inc()

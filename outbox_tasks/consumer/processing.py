@@ -107,6 +107,8 @@ class GroupProcessor:
         self.engine = engine
         self.sink = sink
         self.metrics = metrics
+        if metrics is not None:
+            metrics.seed(group.name, OUTCOMES)
         self._sleep = sleep or _plain_sleep
         self._jitter = jitter
         self._on_outcome = on_outcome

@@ -154,3 +154,23 @@ def test_pid_alive_tells_a_running_process_from_a_finished_one() -> None:
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait()
     assert not pid_alive(finished.pid)
+
+
+def test_a_consumer_groups_outcomes_are_exported_at_zero_once_it_processes() -> None:
+    from types import SimpleNamespace
+    from typing import Any
+
+    from outbox_tasks.consumer.metrics import ConsumerMetrics
+    from outbox_tasks.consumer.processing import OUTCOMES, GroupProcessor
+
+    registry = CollectorRegistry()
+    metrics = ConsumerMetrics(registry)
+    group: Any = SimpleNamespace(name="billing")
+    engine: Any = None
+    sink: Any = None
+
+    GroupProcessor(group, engine, sink, metrics=metrics)
+
+    text = _scrape(registry)
+    for outcome in OUTCOMES:
+        assert f'outbox_consumer_messages_total{{group="billing",outcome="{outcome}"}} 0.0' in text
