@@ -25,16 +25,28 @@ from datetime import timedelta
 from typing import Any
 
 from celery import Celery
+from celery.signals import before_task_publish, celeryd_after_setup
 from kombu.entity import Exchange, Queue
 
 from outbox_tasks.consumer_celery import install_configured
+from outbox_tasks.deployment import NAMESPACE_HEADER
 from outbox_tasks.errors import ConfigurationError
 from outbox_tasks.settings import Settings
 
+# The relay's queues, as operators name them (``-Q outbox.claim,outbox.publish``). On the broker
+# each carries the deployment's namespace (``outbox.claim.<OUTBOX_NAMESPACE>``), so deployments
+# sharing a broker never take each other's tasks; a worker's -Q may use either form
+# (``_map_worker_queues``).
 CLAIM_QUEUE = "outbox.claim"
 PUBLISH_QUEUE = "outbox.publish"
 MAINTENANCE_QUEUE = "outbox.maintenance"
 QUEUES = (CLAIM_QUEUE, PUBLISH_QUEUE, MAINTENANCE_QUEUE)
+
+
+def queue_name(base: str, settings: Settings) -> str:
+    """``outbox.claim`` -> ``outbox.claim.<namespace>``: the queue's name on the broker."""
+    return f"{base}.{settings.namespace}"
+
 
 # Task names (contract: DESIGN 7). The tasks themselves are in outbox_tasks.tasks.
 CLAIM_TASK = "outbox.claim"
@@ -82,19 +94,26 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
-    queues = [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES]
+    names = {base: queue_name(base, settings) for base in QUEUES}
+    queues = [
+        Queue(name, Exchange(name, type="direct"), routing_key=name) for name in names.values()
+    ]
     return {
         "broker_url": settings.broker_url,
         "include": list(WORKER_MODULES),
         "broker_connection_retry_on_startup": True,
         "broker_transport_options": {"visibility_timeout": 3600},
         "task_queues": queues,
-        "task_default_queue": MAINTENANCE_QUEUE,
+        "task_default_queue": names[MAINTENANCE_QUEUE],
         "task_routes": {
-            CLAIM_TASK: {"queue": CLAIM_QUEUE},
-            PUBLISH_TASK: {"queue": PUBLISH_QUEUE},
-            "outbox.*": {"queue": MAINTENANCE_QUEUE},
+            CLAIM_TASK: {"queue": names[CLAIM_QUEUE]},
+            PUBLISH_TASK: {"queue": names[PUBLISH_QUEUE]},
+            "outbox.*": {"queue": names[MAINTENANCE_QUEUE]},
         },
+        # Remote control (status, the metrics snapshot) and task events (Flower) per deployment
+        # too: a broadcast of one deployment never reaches another's workers.
+        "control_exchange": f"outbox.{settings.namespace}",
+        "event_exchange": f"outbox.{settings.namespace}.events",
         "task_acks_late": False,
         "task_ignore_result": True,
         "task_serializer": "json",
@@ -140,6 +159,28 @@ def create_app(settings: Settings) -> Celery:
         config = apply_user_config(config, settings.celery_config)
     celery_app.conf.update(config)
     return celery_app
+
+
+@celeryd_after_setup.connect
+def _map_worker_queues(sender: Any = None, instance: Any = None, **kwargs: Any) -> None:
+    """``-Q outbox.claim,...`` means this deployment's queues (``outbox.claim.<namespace>``):
+    the names operators know keep working on a shared broker (Celery's documented hook for
+    changing queues after -Q was applied)."""
+    queues = instance.app.amqp.queues
+    selected = queues.consume_from or {}
+    for base in QUEUES:
+        if base in selected and base != queue_name(base, settings):
+            queues.deselect(base)
+            queues.select_add(queues[queue_name(base, settings)])
+
+
+@before_task_publish.connect
+def _stamp_namespace(
+    sender: str | None = None, headers: dict[str, Any] | None = None, **kwargs: Any
+) -> None:
+    """Every relay task says which deployment sent it (checked by the worker)."""
+    if headers is not None and isinstance(sender, str) and sender.startswith("outbox."):
+        headers[NAMESPACE_HEADER] = settings.namespace
 
 
 # Built once per process; the worker runtime (outbox_tasks.worker) takes them from here.

@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from outbox_tasks.errors import ConfigurationError
 from outbox_tasks.limits import DEFAULT_MAX_MESSAGE_BYTES
@@ -267,6 +267,12 @@ class Settings:
     metrics_port: int = _setting(
         9808, _int(0, 65535), "Port of the Prometheus endpoint served by workers (0: off)."
     )
+    namespace: str = _setting(
+        None,
+        _name,
+        "This deployment's name on a shared broker: its relay queues are outbox.claim.<name>, "
+        "... Default: the database name. Deployments sharing a broker need different ones.",
+    )
     celery_config: str = _setting(
         "",
         _string,
@@ -429,11 +435,36 @@ def _backoff_max_default(settings: Settings) -> float:
     return max(300.0, settings.backoff_base_seconds)
 
 
+def database_name(database_url: str) -> str:
+    """The database a PostgreSQL URL names (libpq's rules: the path, a ``dbname`` parameter, or
+    else the user name)."""
+    parts = urlsplit(database_url)
+    query = dict(parse_qsl(parts.query))
+    return (
+        query.get("dbname")
+        or unquote(parts.path.lstrip("/"))
+        or query.get("user")
+        or unquote(parts.username or "")
+        or "postgres"
+    )
+
+
+def _namespace_default(settings: Settings) -> str:
+    # The database name, not its host: every process of one deployment agrees on it even when
+    # they reach the database by different addresses (a pooler, a replica's DNS name). Two
+    # databases of the same name on one broker are told apart at start (identity check).
+    return (
+        re.sub(r"[^A-Za-z0-9_.:-]+", "-", database_name(settings.database_url)).strip("-.")
+        or "outbox"
+    )
+
+
 # Settings whose default follows other settings: field -> default given the others. Set alone,
 # the settings they depend on never contradict them (issue 11, item 7).
 DERIVED: dict[str, Callable[[Settings], Any]] = {
     "publish_task_seconds": _publish_task_default,
     "backoff_max_seconds": _backoff_max_default,
+    "namespace": _namespace_default,
 }
 
 

@@ -1,6 +1,7 @@
 """The Celery tasks (names: DESIGN 7). Each is a few lines: take this process's runtime
 (outbox_tasks.worker), call the relay, dead-letter, cleanup or status code, and turn an outage
-into a logged skip (the next run goes on; PostgreSQL stays the truth)."""
+into a logged skip (the next run goes on; PostgreSQL stays the truth). A task another
+deployment sent (``deployment``) is dropped before anything is done."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from outbox_tasks.db import translate_errors
 from outbox_tasks.errors import BrokerUnavailable, DatabaseUnavailable
 from outbox_tasks.logs import event, get_logger
 from outbox_tasks.status import collect_status, db_snapshot
-from outbox_tasks.worker import broadcast_snapshot, claim_and_dispatch, runtime
+from outbox_tasks.worker import broadcast_snapshot, claim_and_dispatch, refuse_foreign, runtime
 
 log = get_logger("tasks")
 
@@ -34,6 +35,8 @@ def claim(partition: int | None = None, partition_count: int | None = None) -> d
     ``partition_count`` is the count ``partition`` belongs to (drain chaining passes it): while
     OUTBOX_PARTITIONS is being changed, the claim may run on a worker configured with the other
     count. Granting is safe across counts (overlapping live leases are refused)."""
+    if (foreign := refuse_foreign(claim.request)) is not None:
+        return foreign
     relay = runtime.relay()
     n = partition_count or runtime.settings.partitions
     wanted = list(range(n)) if partition is None else [partition]
@@ -48,6 +51,8 @@ def claim(partition: int | None = None, partition_count: int | None = None) -> d
 @app.task(name=PUBLISH_TASK)
 def publish(partition: int, epoch: int, partition_count: int) -> dict[str, Any]:
     """Publish a leased partition's due rows in order until drained or out of time."""
+    if (foreign := refuse_foreign(publish.request)) is not None:
+        return foreign
     try:
         report = runtime.relay().publish(partition, epoch, partition_count)
     except DatabaseUnavailable as error:
@@ -74,6 +79,8 @@ def publish(partition: int, epoch: int, partition_count: int) -> dict[str, Any]:
 def dead_letter() -> dict[str, Any]:
     """Record exhausted messages, publish their copies to the dead-letter exchange, drop the
     rows of skip-policy event types (their aggregates flow on)."""
+    if (foreign := refuse_foreign(dead_letter.request)) is not None:
+        return foreign
     try:
         with translate_errors("dead_letter"):
             return deadletter.collect(runtime.engine(), runtime.settings, runtime.dead_publisher())
@@ -88,6 +95,8 @@ def dead_letter() -> dict[str, Any]:
 def cleanup() -> dict[str, Any]:
     """Remove published rows (OUTBOX_CLEANUP_MODE), old consumer receipts and resolved dead
     letters in short batches; one run at a time per database."""
+    if (foreign := refuse_foreign(cleanup.request)) is not None:
+        return foreign
     settings = runtime.settings
     try:
         with translate_errors("cleanup"):
@@ -106,6 +115,8 @@ def cleanup() -> dict[str, Any]:
 def export_metrics() -> dict[str, float]:
     """Refresh the database-derived gauges: one reading, broadcast to every worker, whose main
     process serves it on its metrics endpoint."""
+    if refuse_foreign(export_metrics.request) is not None:
+        return {}
     try:
         with translate_errors("export_metrics"):
             snapshot = db_snapshot(collect_status(runtime.engine(), runtime.settings))

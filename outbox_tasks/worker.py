@@ -13,18 +13,32 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from celery import bootsteps
-from celery.signals import worker_init, worker_process_shutdown, worker_shutdown
+from celery.signals import (
+    before_task_publish,
+    worker_init,
+    worker_process_shutdown,
+    worker_shutdown,
+)
 from celery.worker.control import control_command, inspect_command
 from sqlalchemy.engine import Engine
 
 from outbox_tasks.celery import PUBLISH_TASK, app, settings
 from outbox_tasks.db import make_engine
+from outbox_tasks.deployment import (
+    DATABASE_HEADER,
+    NamespaceConflict,
+    NamespaceLease,
+    claim_namespace,
+    foreign_reason,
+    identify,
+)
 from outbox_tasks.logs import configure, event, get_logger
 from outbox_tasks.metrics import (
     SNAPSHOT,
@@ -236,10 +250,79 @@ class MetricsServer:
             cls.directory = None
 
 
+# --- this deployment (outbox_tasks.deployment) --------------------------------------------------
+
+
+class Deployment:
+    """The worker's database identity (learnt at start, inherited by the pool) and the lease
+    on its namespace."""
+
+    identity: str | None = None
+    lease: NamespaceLease | None = None
+
+    @classmethod
+    def start(cls) -> None:
+        """Learn the database's identity and claim the namespace on the broker. A namespace
+        another database holds stops the worker with one line; an unreachable database or
+        broker only skips the check (the per-task check still guards)."""
+        try:
+            engine = make_engine(settings, pool_size=1, application_name="outbox_tasks.identity")
+            try:
+                cls.identity = identify(engine)
+            finally:
+                engine.dispose()
+            if claim_namespace(settings, cls.identity):
+                cls.lease = NamespaceLease(settings, cls.identity)
+                cls.lease.start()
+        except NamespaceConflict as error:
+            sys.stderr.write(f"outbox_tasks: configuration error: {error}\n")
+            raise SystemExit(2) from None
+        except Exception as error:
+            event(
+                log,
+                logging.WARNING,
+                "namespace_unchecked",
+                "could not check that this deployment's namespace is its own",
+                namespace=settings.namespace,
+                error=str(error),
+            )
+
+    @classmethod
+    def stop(cls) -> None:
+        if cls.lease is not None:
+            cls.lease.stop()
+
+
+def refuse_foreign(request: Any) -> dict[str, Any] | None:
+    """For a task of another deployment: log it and return the task's result (it does
+    nothing); None for our own tasks."""
+    reason = foreign_reason(request, settings, Deployment.identity)
+    if reason is None:
+        return None
+    event(
+        log,
+        logging.ERROR,
+        "foreign_task",
+        "task of another deployment dropped, not acted on",
+        task=getattr(request, "task", None),
+        reason=reason,
+    )
+    return {"ignored": reason}
+
+
+@before_task_publish.connect
+def _stamp_database(
+    sender: str | None = None, headers: dict[str, Any] | None = None, **kwargs: Any
+) -> None:
+    if headers is not None and Deployment.identity is not None:
+        headers[DATABASE_HEADER] = Deployment.identity
+
+
 @worker_init.connect
 def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
     configure()
     MetricsServer.worker = sender
+    Deployment.start()
     try:
         MetricsServer.start(runtime.settings.metrics_port)
     except Exception as error:
@@ -256,6 +339,7 @@ def _on_pool_process_exit(pid: int | None = None, **kwargs: Any) -> None:
 @worker_shutdown.connect
 def _on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
     MetricsServer.stop()
+    Deployment.stop()
 
 
 # --- the wake-up bootstep -----------------------------------------------------------------------

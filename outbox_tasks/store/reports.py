@@ -165,3 +165,14 @@ def table_health(conn: Connection) -> TableHealth | None:
         last_autoanalyze=row.last_autoanalyze,
         total_bytes=int(row.total_bytes),
     )
+
+
+_DATABASE_IDENTITY = text(
+    "SELECT (SELECT system_identifier FROM pg_control_system())::text || '/' || current_database()"
+)
+
+
+def database_identity(conn: Connection) -> str:
+    """This database as no other is: ``<cluster system identifier>/<database name>`` (a
+    physical replica promoted keeps it; a restore into another cluster does not)."""
+    return str(conn.execute(_DATABASE_IDENTITY).scalar_one())

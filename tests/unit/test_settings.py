@@ -462,3 +462,30 @@ def test_json_logs_hide_url_passwords_in_the_message_the_fields_and_the_tracebac
     for secret in ("tracesecret", "msgsecret", "fieldsecret", "nestedsecret"):
         assert secret not in line
     assert json.loads(line)["url"] == "postgresql://app:***@db/outbox"
+
+
+# --- the deployment's namespace on a shared broker (issue 11, item 4) -------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "namespace"),
+    [
+        ("postgresql://app@db/orders", "orders"),
+        ("postgresql://app:pw@db:5432/billing?sslmode=require", "billing"),
+        ("postgresql://db/x?dbname=sales", "sales"),
+        ("postgresql://alice@db", "alice"),  # libpq: the database defaults to the user name
+        ("postgres://app@db/my%20shop", "my-shop"),
+    ],
+)
+def test_the_namespace_defaults_to_the_database_name(url: str, namespace: str) -> None:
+    assert Settings.from_env({"OUTBOX_DATABASE_URL": url}).namespace == namespace
+
+
+def test_the_namespace_follows_the_database_and_an_explicit_one_is_kept() -> None:
+    settings = Settings.from_env({"OUTBOX_DATABASE_URL": "postgresql://app@db/orders"})
+
+    assert settings.with_changes(database_url="postgresql://app@db/billing").namespace == (
+        "billing"
+    )
+    chosen = Settings.from_env({"OUTBOX_NAMESPACE": "team-a"})
+    assert chosen.with_changes(database_url="postgresql://app@db/billing").namespace == "team-a"
