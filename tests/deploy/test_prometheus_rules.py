@@ -36,6 +36,8 @@ EXPECTED_ALERTS = {
     "OutboxCircuitOpenTooLong",
     "OutboxTableBloat",
     "OutboxConsumerLag",
+    "OutboxBrokerBackpressure",
+    "OutboxUnknownPublishErrors",
 }
 
 # Topics the on-call person must find in the runbook, besides one section per alert.
@@ -46,6 +48,8 @@ RUNBOOK_TOPICS = {
     "failed-message-investigation",
     "dead-letters-and-replay",
     "bloat",
+    "publish-error-reasons",
+    "deployments-sharing-a-broker",
 }
 
 
