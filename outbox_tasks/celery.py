@@ -178,9 +178,11 @@ def _map_worker_queues(sender: Any = None, instance: Any = None, **kwargs: Any) 
 def _stamp_namespace(
     sender: str | None = None, headers: dict[str, Any] | None = None, **kwargs: Any
 ) -> None:
-    """Every relay task says which deployment sent it (checked by the worker)."""
+    """Every relay task says which deployment sent it (checked by the worker). A stamp the
+    sender set itself is kept: Celery signals are process-wide, so another app in this process
+    (a test's, a user's) must not have its tasks re-stamped with this process's namespace."""
     if headers is not None and isinstance(sender, str) and sender.startswith("outbox."):
-        headers[NAMESPACE_HEADER] = settings.namespace
+        headers.setdefault(NAMESPACE_HEADER, settings.namespace)
 
 
 # Built once per process; the worker runtime (outbox_tasks.worker) takes them from here.

@@ -315,7 +315,7 @@ def _stamp_database(
     sender: str | None = None, headers: dict[str, Any] | None = None, **kwargs: Any
 ) -> None:
     if headers is not None and Deployment.identity is not None:
-        headers[DATABASE_HEADER] = Deployment.identity
+        headers.setdefault(DATABASE_HEADER, Deployment.identity)
 
 
 @worker_init.connect

@@ -347,7 +347,7 @@ def retries_of(engine: Engine, event_id: Any) -> dict[str, Any]:
     return dict(row._mapping)
 
 
-def test_a_rabbitmq_nack_fails_that_message_holds_its_aggregate_and_lets_the_others_flow(
+def test_a_rabbitmq_nack_holds_its_aggregate_without_spending_a_retry_and_the_others_flow(
     settings: Settings, engine: Engine, amqp_url: str, tmp_path: Path
 ) -> None:
     settings = settings.with_changes(
@@ -390,12 +390,13 @@ def test_a_rabbitmq_nack_fails_that_message_holds_its_aggregate_and_lets_the_oth
                 what="the first event of R and every other aggregate",
             )
             wait_until(
-                lambda: retries_of(engine, rejected)["retry_count"] >= 3,
+                lambda: "nack" in (retries_of(engine, rejected)["last_error"] or ""),
                 timeout=20,
-                what="the nacked message failing again and again",
+                what="the nacked message held back",
             )
             row = retries_of(engine, rejected)
-            assert "nack" in row["last_error"]
+            # Backpressure (issue 11): the broker is healthy but will not take it now.
+            assert row["retry_count"] == 0, "a nack spends no retry"
             assert row["published_at"] is None and row["dead_lettered_at"] is None
             assert str(shipped) not in ids(), "the event after a nacked one was not sent"
             assert retries_of(engine, shipped)["retry_count"] == 0, "a waiting row is not charged"
@@ -404,7 +405,6 @@ def test_a_rabbitmq_nack_fails_that_message_holds_its_aggregate_and_lets_the_oth
 
         # The queue is gone: the next retry is confirmed and R flows on, in order.
         wait_until(lambda: str(shipped) in consumer.unique_ids(), timeout=10, what="R released")
-        print(f"\nnacked message retried {retries_of(engine, rejected)['retry_count']} times")
         assert consumer.order_violations() == []
         first = [m.id for m in consumer.snapshot() if m.aggregate == ("Order", "R")]
         assert list(dict.fromkeys(first)) == [str(created), str(rejected), str(shipped)]
