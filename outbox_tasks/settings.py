@@ -290,6 +290,38 @@ class Settings:
     idle_in_transaction_timeout_seconds: float = _setting(
         60.0, _seconds(), "PostgreSQL idle_in_transaction_session_timeout."
     )
+    database_connect_timeout_seconds: float = _setting(
+        5.0,
+        _seconds(),
+        "Deadline for connecting to PostgreSQL (2 at least, libpq's minimum), and for the "
+        "liveness ping before a pooled connection is reused.",
+    )
+    database_deadline_grace_seconds: float = _setting(
+        5.0,
+        _seconds(),
+        "How long past OUTBOX_STATEMENT_TIMEOUT_SECONDS a database call may stay unanswered "
+        "before its connection is closed (the server's own timeout error never came back).",
+    )
+    tcp_user_timeout_seconds: float = _setting(
+        30.0,
+        _seconds(allow_zero=True),
+        "Kernel-level bound on a silent peer for PostgreSQL connections: unacknowledged data "
+        "gives up after it (tcp_user_timeout) and keepalive probes start after a third of it "
+        "(0: the kernel's defaults).",
+    )
+    wakeup_database_url: str | None = _setting(
+        None,
+        _optional_url(*DATABASE_SCHEMES),
+        "Where the wake-up listener connects (LISTEN needs a session of its own: point it past "
+        "a transaction-pooling PgBouncer). Empty: the database URL.",
+        url=True,
+    )
+    wakeup_probe_interval_seconds: float = _setting(
+        5.0,
+        _seconds(),
+        "How often an idle wake-up listener proves its connection alive (a ping with the "
+        "connect deadline); a failed probe reconnects at once.",
+    )
 
     def __post_init__(self) -> None:
         for name, rule in DERIVED.items():
@@ -333,6 +365,12 @@ class Settings:
     def libpq_url(self) -> str:
         """The database URL as libpq (psycopg) reads it."""
         return "postgresql://" + self.database_url.split("://", 1)[1]
+
+    @property
+    def wakeup_libpq_url(self) -> str:
+        """Where the wake-up listener connects, as libpq reads it."""
+        url = self.wakeup_database_url or self.database_url
+        return "postgresql://" + url.split("://", 1)[1]
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -390,6 +428,12 @@ class Settings:
                     f"{env_var(name)} is {size} bytes long: expected at most 255 (an AMQP "
                     "short string)"
                 )
+        if self.database_connect_timeout_seconds < 2:
+            raise ConfigurationError(
+                f"{env_var('database_connect_timeout_seconds')}="
+                f"{_show(self.database_connect_timeout_seconds)!r} is not valid: expected 2 or "
+                "more (libpq counts anything shorter as 2 seconds)"
+            )
         scheme = urlsplit(self.archive_url).scheme
         if self.archive_url and scheme not in ("", "file"):
             raise ConfigurationError(

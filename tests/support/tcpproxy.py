@@ -9,7 +9,10 @@ instead of the real service. The shared service itself is never touched:
 * :meth:`TcpProxy.blackhole` -- "hang": connections stay open but no byte is forwarded and new
   connections are accepted but never answered, until :meth:`TcpProxy.restore`.
 * :meth:`TcpProxy.restore` -- listen again on the same port and forward normally. Bytes that
-  were held back by :meth:`TcpProxy.blackhole` are delivered then.
+  were held back by :meth:`TcpProxy.blackhole` are delivered then; with ``revive_held=False``
+  the connections held by the blackhole stay open and silent for ever instead (a NAT or load
+  balancer that lost its state: only new connections work), so a client recovers only if it
+  gives up on a silent connection by itself.
 
 Implementation: a single daemon thread runs a ``selectors`` event loop over the listening
 socket, every proxied socket pair and a wake-up socket pair. Control calls (cut, blackhole,
@@ -77,13 +80,23 @@ class _Flow:
 class _Pair:
     """A client connection and its upstream connection."""
 
-    __slots__ = ("client", "closed", "connecting", "paused", "to_client", "to_upstream", "upstream")
+    __slots__ = (
+        "client",
+        "closed",
+        "connecting",
+        "paused",
+        "silent",
+        "to_client",
+        "to_upstream",
+        "upstream",
+    )
 
     def __init__(self, client: socket.socket, paused: bool) -> None:
         self.client = client
         self.upstream: socket.socket | None = None
         self.connecting = False
         self.paused = paused
+        self.silent = False  # held for ever: restore() does not revive it
         self.closed = False
         self.to_upstream = _Flow()
         self.to_client = _Flow()
@@ -219,9 +232,12 @@ class TcpProxy:
         :meth:`restore`."""
         self._call(self._do_blackhole)
 
-    def restore(self) -> None:
-        """Listen again on the same port and forward normally."""
-        self._call(self._do_restore)
+    def restore(self, *, revive_held: bool = True) -> None:
+        """Listen again on the same port and forward normally.
+
+        ``revive_held=False``: the connections the blackhole holds stay open and forward
+        nothing for ever (they are reset only by :meth:`cut` or :meth:`stop`)."""
+        self._call(lambda: self._do_restore(revive_held))
 
     def stop(self) -> None:
         """Close every socket and join the forwarding thread. Idempotent."""
@@ -327,11 +343,14 @@ class TcpProxy:
             self._sync(pair)
         self._listen()
 
-    def _do_restore(self) -> None:
+    def _do_restore(self, revive_held: bool) -> None:
         self._mode = "forward"
         self._listen()
         for pair in list(self._pairs):
-            if not pair.paused:
+            if not pair.paused or pair.silent:
+                continue
+            if not revive_held:
+                pair.silent = True
                 continue
             pair.paused = False
             try:

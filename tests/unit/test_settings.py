@@ -45,6 +45,11 @@ BAD_VALUES: list[tuple[str, str, str]] = [
     ("OUTBOX_EXCHANGE", "", "a non-empty name"),
     ("OUTBOX_EXCHANGE", "outbox events", "a non-empty name"),
     ("OUTBOX_APPLICATION_NAME", "relay\nworker", "a non-empty name"),
+    ("OUTBOX_DATABASE_CONNECT_TIMEOUT_SECONDS", "1", "2 or more"),
+    ("OUTBOX_DATABASE_DEADLINE_GRACE_SECONDS", "0", "a number of seconds > 0"),
+    ("OUTBOX_TCP_USER_TIMEOUT_SECONDS", "-1", "a number of seconds >= 0"),
+    ("OUTBOX_WAKEUP_DATABASE_URL", "redis://h", "a URL starting with postgresql://"),
+    ("OUTBOX_WAKEUP_PROBE_INTERVAL_SECONDS", "0", "a number of seconds > 0"),
 ]
 
 
@@ -489,3 +494,12 @@ def test_the_namespace_follows_the_database_and_an_explicit_one_is_kept() -> Non
     )
     chosen = Settings.from_env({"OUTBOX_NAMESPACE": "team-a"})
     assert chosen.with_changes(database_url="postgresql://app@db/billing").namespace == "team-a"
+
+
+def test_the_wake_up_listener_connects_to_the_database_unless_told_otherwise() -> None:
+    settings = Settings.from_env({"OUTBOX_DATABASE_URL": "postgresql+psycopg://u@db/app"})
+    assert settings.wakeup_libpq_url == "postgresql://u@db/app"
+
+    direct = settings.with_changes(wakeup_database_url="postgres://u@db-direct:5432/app")
+    assert direct.wakeup_libpq_url == "postgresql://u@db-direct:5432/app"
+    assert direct.libpq_url == "postgresql://u@db/app"

@@ -222,6 +222,33 @@ def test_blackhole_makes_client_reads_time_out_and_restore_forwards_again(
             assert_echoes(fresh)
 
 
+def test_a_restore_that_does_not_revive_leaves_the_held_connections_silent_for_ever(
+    proxy: TcpProxy,
+) -> None:
+    with connect(proxy) as old, contextlib.ExitStack() as stack:
+        assert_echoes(old)
+        proxy.blackhole()
+        held = stack.enter_context(connect(proxy))
+        old.sendall(b"held")
+        held.sendall(b"new")
+        wait_until(lambda: proxy.connections == 2)  # the proxy has accepted (and held) it
+
+        proxy.restore(revive_held=False)
+
+        for client in (old, held):
+            client.settimeout(HANG)
+            with pytest.raises(TimeoutError):  # still open, still silent
+                client.recv(4)
+        with connect(proxy) as fresh:
+            assert_echoes(fresh)
+        proxy.blackhole()
+        proxy.restore()  # a later restore does not revive them either
+        old.settimeout(HANG)
+        with pytest.raises(TimeoutError):
+            old.recv(4)
+        assert proxy.connections == 2
+
+
 def test_cut_during_blackhole_resets_the_held_connections(proxy: TcpProxy) -> None:
     with connect(proxy) as old:
         assert_echoes(old)
