@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -45,7 +46,10 @@ METRIC_CATALOG: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("outbox_table_dead_tuples", "gauge", ()),
     ("outbox_table_last_autovacuum_timestamp_seconds", "gauge", ()),
     ("outbox_relay_last_success_timestamp_seconds", "gauge", ()),
+    ("outbox_relay_stalled_seconds", "gauge", ()),
+    ("outbox_metrics_snapshot_timestamp_seconds", "gauge", ()),
     ("outbox_circuit_open", "gauge", ()),
+    ("outbox_wakeup_listening", "gauge", ()),
     ("outbox_lease_lost_total", "counter", ()),
     ("outbox_publish_errors_total", "counter", ("error_type",)),
     ("outbox_messages_published_total", "counter", ("aggregate_type", "event_type")),
@@ -174,6 +178,23 @@ class RelayMetrics:
             self.errors.labels("broker_unavailable").inc()
 
 
+class WakeupMetrics:
+    """The wake-up listener's state, set by the worker's main process (where it runs)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        kw = {"registry": registry} if registry is not None else {}
+        self.gauge = Gauge(
+            "outbox_wakeup_listening",
+            "1 while the wake-up listener holds a live LISTEN connection; 0 while it is down "
+            "(latency falls back to the poll interval).",
+            multiprocess_mode="livemax",
+            **kw,  # type: ignore[arg-type]
+        )
+
+    def listening(self, is_listening: bool) -> None:
+        self.gauge.set(1 if is_listening else 0)
+
+
 # --- database-derived gauges ----------------------------------------------------------------
 # ``outbox.export_metrics`` computes them on a schedule (never per scrape) and broadcasts the
 # snapshot to every worker, whose main process serves it: every endpoint reports the same fresh
@@ -187,15 +208,24 @@ DB_GAUGES: dict[str, str] = {
     "outbox_partitions_unowned": "Partitions with due rows and no live lease.",
     "outbox_table_dead_tuples": "Dead tuples in the outbox table (bloat until vacuumed).",
     "outbox_table_last_autovacuum_timestamp_seconds": "Unix time of the last autovacuum.",
+    "outbox_relay_stalled_seconds": (
+        "How long due rows have waited while nothing was published (0: not stalled)."
+    ),
 }
+
+SNAPSHOT_TIMESTAMP = "outbox_metrics_snapshot_timestamp_seconds"
 
 
 class SnapshotCollector(Collector):
-    """Serves the latest database snapshot received by this process."""
+    """Serves the latest database snapshot received by this process, and when it came
+    (``outbox_metrics_snapshot_timestamp_seconds``; the collector's creation time until the
+    first one): a snapshot that stops coming means the relay cannot reach its database or its
+    Celery broker, or beat is down."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self.values: dict[str, float] = {}
         self.received_at: float | None = None
+        self.started_at = clock()
 
     def update(self, values: dict[str, float], received_at: float) -> None:
         self.values = {k: float(v) for k, v in values.items() if k in DB_GAUGES}
@@ -206,6 +236,12 @@ class SnapshotCollector(Collector):
             family = GaugeMetricFamily(name, DB_GAUGES[name])
             family.add_metric([], value)
             yield family
+        stamp = GaugeMetricFamily(
+            SNAPSHOT_TIMESTAMP,
+            "Unix time the latest database snapshot arrived (process start until one does).",
+        )
+        stamp.add_metric([], self.received_at or self.started_at)
+        yield stamp
 
 
 SNAPSHOT = SnapshotCollector()

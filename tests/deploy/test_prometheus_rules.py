@@ -34,6 +34,7 @@ EXPECTED_ALERTS = {
     "OutboxAggregatesParked",
     "OutboxPartitionsUnowned",
     "OutboxCircuitOpenTooLong",
+    "OutboxRelayStalled",
     "OutboxTableBloat",
     "OutboxConsumerLag",
     "OutboxBrokerBackpressure",
