@@ -18,6 +18,7 @@ import base64
 import contextlib
 import importlib
 import json
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any, Final
 
@@ -55,6 +56,7 @@ __all__ = [
     "release",
     "released",
     "safe_url",
+    "tcp_keepalive_options",
 ]
 
 REDIS_SCHEMES: Final = frozenset({"redis", "rediss"})
@@ -137,6 +139,23 @@ def broker_scheme(url: str) -> str:
 def is_amqp(url: str) -> bool:
     """True for RabbitMQ (AMQP 0-9-1) URLs, False for Redis; :class:`ConfigurationError` else."""
     return broker_scheme(url) in AMQP_SCHEMES
+
+
+def tcp_keepalive_options(bound_seconds: float) -> dict[int, int]:
+    """``socket_keepalive_options`` for redis-py (``setsockopt(IPPROTO_TCP, key, value)``) from
+    ``OUTBOX_TCP_USER_TIMEOUT_SECONDS``: keepalive probes after a third of the bound, three of
+    them half a third apart, and unacknowledged data dropped after the bound (Linux
+    ``TCP_USER_TIMEOUT``, milliseconds). Empty when the bound is 0 or the platform lacks the
+    options (the kernel's defaults apply)."""
+    if bound_seconds <= 0:
+        return {}
+    wanted = {
+        "TCP_KEEPIDLE": max(1, round(bound_seconds / 3)),
+        "TCP_KEEPINTVL": max(1, round(bound_seconds / 6)),
+        "TCP_KEEPCNT": 3,
+        "TCP_USER_TIMEOUT": max(1, int(bound_seconds * 1000)),
+    }
+    return {getattr(socket, name): value for name, value in wanted.items() if hasattr(socket, name)}
 
 
 def broker_errors(url: str) -> ErrorTypes:

@@ -11,6 +11,13 @@ Policy, and why:
   its lease, is dropped by the worker instead of doing stale work.
 - The broker's visibility timeout (Redis) stays long (1 h); it only matters for late-ack tasks,
   i.e. the user's own.
+- Every wait on Celery's own broker has a deadline (``broker_connection``): connect, each
+  command, taking a pooled connection, a consumer connection that stopped answering (Redis
+  health checks, AMQP heartbeats), and a send retried once at most. Without them a silent
+  network path (a load balancer or NAT answering for Redis) freezes the worker's event loop,
+  beat and the wake-up dispatch for ever.
+- Every relay and maintenance task has a hard time limit (``task_time_limits``): a pool
+  process stuck past it is killed and replaced; by then its lease has expired.
 
 Users extend or override any of this with ``OUTBOX_CELERY_CONFIG=module.path``: that module's
 lower-case Celery settings are applied on top, and its ``beat_schedule`` entries are merged by
@@ -28,7 +35,9 @@ from celery import Celery
 from celery.signals import before_task_publish, celeryd_after_setup
 from kombu.entity import Exchange, Queue
 
+from outbox_tasks.broker import is_amqp, tcp_keepalive_options
 from outbox_tasks.consumer_celery import install_configured
+from outbox_tasks.db import statement_deadline
 from outbox_tasks.deployment import NAMESPACE_HEADER
 from outbox_tasks.errors import ConfigurationError
 from outbox_tasks.settings import Settings
@@ -57,6 +66,8 @@ EXPORT_METRICS_TASK = "outbox.export_metrics"
 # What a worker imports on start: the tasks, and the runtime with its signals, bootstep and
 # control commands. Processes that only send tasks or read state (beat, Flower, the CLI) don't.
 WORKER_MODULES = ("outbox_tasks.tasks", "outbox_tasks.worker")
+# The longest a cleanup run goes on before it stops by itself (the next run resumes).
+CLEANUP_MAX_SECONDS = 900.0
 
 
 def load_settings() -> Settings:
@@ -93,6 +104,67 @@ def beat_schedule(settings: Settings) -> dict[str, dict[str, Any]]:
     }
 
 
+def cleanup_budget(settings: Settings) -> float:
+    """Seconds one ``outbox.cleanup`` run may work: its interval, at most CLEANUP_MAX_SECONDS."""
+    return min(settings.cleanup_interval_seconds, CLEANUP_MAX_SECONDS)
+
+
+def task_time_limits(settings: Settings) -> dict[str, dict[str, float]]:
+    """Hard time limits (``task_annotations``), derived from the lease, the publish budget and
+    the database statement deadline. A relay task past lease + budget + one statement deadline
+    has lost its lease (it was renewed at the latest when its last batch began), so killing
+    its process loses nothing: another worker resends, marked redelivered. Hard limits only:
+    a soft limit's exception could surface inside the publisher as a message's own error."""
+    deadline = statement_deadline(settings)
+    relay = settings.lease_seconds + settings.publish_task_seconds + deadline
+    maintenance = settings.lease_seconds + deadline
+    return {
+        CLAIM_TASK: {"time_limit": relay},
+        PUBLISH_TASK: {"time_limit": relay},
+        DEAD_LETTER_TASK: {"time_limit": maintenance},
+        EXPORT_METRICS_TASK: {"time_limit": maintenance},
+        CLEANUP_TASK: {"time_limit": cleanup_budget(settings) + deadline + 60.0},
+    }
+
+
+def broker_connection(settings: Settings) -> dict[str, Any]:
+    """Celery settings that put a deadline on every wait on its broker
+    (``OUTBOX_CELERY_BROKER_TIMEOUT_SECONDS``, keepalives from
+    ``OUTBOX_TCP_USER_TIMEOUT_SECONDS``)."""
+    timeout = settings.celery_broker_timeout_seconds
+    transport: dict[str, Any] = {"visibility_timeout": 3600}
+    if is_amqp(settings.broker_url):
+        # py-amqp sets keepalives and TCP_USER_TIMEOUT itself; heartbeats find a silent peer.
+        transport["write_timeout"] = timeout
+    else:
+        transport.update(
+            {
+                "socket_timeout": timeout,
+                "socket_connect_timeout": timeout,
+                "socket_keepalive": True,
+                "socket_keepalive_options": tcp_keepalive_options(
+                    settings.tcp_user_timeout_seconds
+                ),
+                # kombu drops a BRPOP connection whose reply is this much overdue.
+                "health_check_interval": max(1, round(timeout)),
+            }
+        )
+    return {
+        "broker_transport_options": transport,
+        "broker_connection_timeout": timeout,
+        "broker_pool_acquire_timeout": timeout,
+        "broker_heartbeat": max(2, round(2 * timeout)),
+        # One retry covers a pooled connection gone stale; more would only hold a claim's
+        # lease (and beat) longer while the broker is away.
+        "task_publish_retry_policy": {
+            "max_retries": 1,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.2,
+        },
+    }
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     names = {base: queue_name(base, settings) for base in QUEUES}
     queues = [
@@ -102,7 +174,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_url": settings.broker_url,
         "include": list(WORKER_MODULES),
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": 3600},
+        **broker_connection(settings),
+        "task_annotations": task_time_limits(settings),
         "task_queues": queues,
         "task_default_queue": names[MAINTENANCE_QUEUE],
         "task_routes": {

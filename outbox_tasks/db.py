@@ -48,9 +48,20 @@ log = get_logger("db")
 _engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
-def connect_args(settings: Settings, application_name: str | None = None) -> dict[str, Any]:
+def connect_args(
+    settings: Settings,
+    application_name: str | None = None,
+    *,
+    idle_in_transaction_seconds: float | None = None,
+) -> dict[str, Any]:
     """libpq options applied to every new connection: session timeouts and the connect
-    deadline (psycopg enforces ``connect_timeout`` on the client side)."""
+    deadline (psycopg enforces ``connect_timeout`` on the client side).
+    ``idle_in_transaction_seconds`` overrides ``OUTBOX_IDLE_IN_TRANSACTION_TIMEOUT_SECONDS``."""
+    idle = (
+        settings.idle_in_transaction_timeout_seconds
+        if idle_in_transaction_seconds is None
+        else idle_in_transaction_seconds
+    )
 
     def ms(seconds: float) -> int:
         return max(1, int(seconds * 1000))
@@ -58,8 +69,7 @@ def connect_args(settings: Settings, application_name: str | None = None) -> dic
     options = (
         f"-c statement_timeout={ms(settings.statement_timeout_seconds)} "
         f"-c lock_timeout={ms(settings.lock_timeout_seconds)} "
-        f"-c idle_in_transaction_session_timeout="
-        f"{ms(settings.idle_in_transaction_timeout_seconds)}"
+        f"-c idle_in_transaction_session_timeout={ms(idle)}"
     )
     return {
         "application_name": application_name or settings.application_name,
@@ -207,6 +217,15 @@ def statement_deadline(settings: Settings) -> float:
     return settings.statement_timeout_seconds + settings.database_deadline_grace_seconds
 
 
+def relay_idle_in_transaction(settings: Settings) -> float:
+    """The server-side bound on a relay session idle inside a transaction: at most one
+    statement deadline. The relay's transactions never wait on anything but their own
+    statements, so a session idle for longer lost its client (closed by its deadline behind a
+    silent path the server cannot see); until the server ends it, its locks (the claim lock
+    that serializes every grant, a partition's lease row, a batch's rows) stall the relay."""
+    return min(settings.idle_in_transaction_timeout_seconds, statement_deadline(settings))
+
+
 def _after_fork_in_child() -> None:
     DEADLINES.after_fork_in_child()
     # A pooled connection shared with the parent would interleave two processes' traffic on one
@@ -270,9 +289,23 @@ def install_deadlines(engine: Engine, settings: Settings) -> None:
         if isinstance(dbapi, psycopg.Connection):
             DEADLINES.arm(dbapi, statement, "statement")
 
-    def after_execute(conn: Connection, cursor: Any, *args: Any) -> None:
+    def after_execute(
+        conn: Connection,
+        cursor: Any,
+        statement_text: str,
+        parameters: Any,
+        context: Any,
+        *args: Any,
+    ) -> None:
         dbapi = getattr(cursor, "connection", None)
-        if isinstance(dbapi, psycopg.Connection):
+        if not isinstance(dbapi, psycopg.Connection):
+            return
+        options = getattr(context, "execution_options", None) or {}
+        if options.get("stream_results") or options.get("yield_per"):
+            # A server-side cursor fetches later, with no hook around it: keep it watched (the
+            # watch fires only while a fetch is in progress).
+            DEADLINES.arm(dbapi, statement, "streamed fetch")
+        else:
             DEADLINES.disarm(dbapi)
 
     def on_error(context: ExceptionContext) -> None:
@@ -300,13 +333,24 @@ def install_deadlines(engine: Engine, settings: Settings) -> None:
 
 
 def make_engine(
-    settings: Settings, *, application_name: str | None = None, pool_size: int = 5
+    settings: Settings,
+    *,
+    application_name: str | None = None,
+    pool_size: int = 5,
+    idle_in_transaction_seconds: float | None = None,
 ) -> Engine:
     """A sync engine (psycopg 3) whose every wait has a deadline (:func:`install_deadlines`);
-    a pooled connection is pinged before reuse, so one killed by an outage is replaced."""
+    a pooled connection is pinged before reuse, so one killed by an outage is replaced.
+    ``idle_in_transaction_seconds``: see :func:`connect_args` (relay engines pass
+    :func:`relay_idle_in_transaction`)."""
     engine = create_engine(
         settings.sqlalchemy_url,
-        connect_args={**connect_args(settings, application_name), **keepalive_args(settings)},
+        connect_args={
+            **connect_args(
+                settings, application_name, idle_in_transaction_seconds=idle_in_transaction_seconds
+            ),
+            **keepalive_args(settings),
+        },
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=False,  # our own ping, watched: install_deadlines

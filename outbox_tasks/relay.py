@@ -118,6 +118,25 @@ def claim_partition(
     return lease
 
 
+def hand_back(store: RelayStore, lease: Lease) -> bool:
+    """Release a lease nobody will use at once (fenced by its epoch): its publish task could
+    not be enqueued, so the partition is free for the next claim instead of waiting
+    ``lease_seconds`` for it to expire. False when it was no longer this lease. Raises what the
+    store raises (``DatabaseUnavailable``: then the lease expires as usual)."""
+    with store.transaction("hand back") as tx:
+        released = tx.release_lease(lease)
+    event(
+        log,
+        logging.INFO,
+        "lease_handed_back",
+        "lease handed back unused",
+        partition=lease.partition,
+        epoch=lease.epoch,
+        released=released,
+    )
+    return released
+
+
 class Relay:
     """Claims and publishes for one process. Thread-compatible, not thread-safe."""
 
@@ -163,6 +182,10 @@ class Relay:
             partition=partition,
             partition_count=partition_count,
         )
+
+    def hand_back(self, lease: Lease) -> bool:
+        """Release an unused lease at once (see :func:`hand_back`)."""
+        return hand_back(self._store, lease)
 
     # --- publish ----------------------------------------------------------------------------
 

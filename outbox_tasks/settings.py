@@ -220,10 +220,26 @@ class Settings:
         "without spending its retries, before it is dead-lettered (reason broker_nack).",
     )
     broker_timeout_seconds: float = _setting(
-        10.0, _seconds(), "Connect and confirm timeout when publishing to the broker."
+        5.0,
+        _seconds(),
+        "Connect, call and confirm timeout when publishing events to the broker (a silent "
+        "connection is given up after it, then the circuit retries).",
+    )
+    celery_broker_timeout_seconds: float = _setting(
+        5.0,
+        _seconds(),
+        "Celery's own broker connections (workers, beat, the CLI): connect, each command, taking "
+        "a pooled connection; also the Redis health-check interval (a consumer without its reply "
+        "for 1 s + this is reconnected) and half the AMQP heartbeat.",
     )
     circuit_max_seconds: float = _setting(
         5.0, _seconds(), "Longest pause between attempts while the broker is down."
+    )
+    stall_seconds: float = _setting(
+        120.0,
+        _seconds(),
+        "How long due rows may wait while nothing is published before `outbox-tasks status` "
+        "calls the relay stalled (keep the OutboxRelayStalled alert in step).",
     )
     wakeup_enabled: bool = _setting(
         True, _bool, "Listen for NOTIFY from the outbox trigger and claim at once (low latency)."
@@ -305,9 +321,9 @@ class Settings:
     tcp_user_timeout_seconds: float = _setting(
         30.0,
         _seconds(allow_zero=True),
-        "Kernel-level bound on a silent peer for PostgreSQL connections: unacknowledged data "
-        "gives up after it (tcp_user_timeout) and keepalive probes start after a third of it "
-        "(0: the kernel's defaults).",
+        "Kernel-level bound on a silent peer (PostgreSQL, Celery's Redis broker): "
+        "unacknowledged data gives up after it (tcp_user_timeout) and keepalive probes start "
+        "after a third of it (0: the kernel's defaults).",
     )
     wakeup_database_url: str | None = _setting(
         None,
@@ -428,6 +444,12 @@ class Settings:
                     f"{env_var(name)} is {size} bytes long: expected at most 255 (an AMQP "
                     "short string)"
                 )
+        if self.stall_seconds <= self.lease_seconds:
+            raise ConfigurationError(
+                f"{env_var('stall_seconds')}={_show(self.stall_seconds)!r} is not valid: "
+                f"expected more than {env_var('lease_seconds')} ({_show(self.lease_seconds)}), "
+                "so an expiring lease does not look like a stall"
+            )
         if self.database_connect_timeout_seconds < 2:
             raise ConfigurationError(
                 f"{env_var('database_connect_timeout_seconds')}="

@@ -16,10 +16,11 @@ from outbox_tasks.celery import (
     EXPORT_METRICS_TASK,
     PUBLISH_TASK,
     app,
+    cleanup_budget,
 )
 from outbox_tasks.cleanup import run_cleanup
 from outbox_tasks.db import translate_errors
-from outbox_tasks.errors import BrokerUnavailable, DatabaseUnavailable
+from outbox_tasks.errors import BrokerUnavailable, DatabaseUnavailable, describe_error
 from outbox_tasks.logs import event, get_logger
 from outbox_tasks.status import collect_status, db_snapshot
 from outbox_tasks.worker import broadcast_snapshot, claim_and_dispatch, refuse_foreign, runtime
@@ -41,11 +42,13 @@ def claim(partition: int | None = None, partition_count: int | None = None) -> d
     n = partition_count or runtime.settings.partitions
     wanted = list(range(n)) if partition is None else [partition]
     try:
-        granted = claim_and_dispatch(relay.claim, wanted, n)
+        dispatched = claim_and_dispatch(relay, wanted, n)
     except DatabaseUnavailable as error:
         event(log, logging.WARNING, "database_unavailable", "claim skipped", error=str(error))
         return {"granted": [], "error": "database_unavailable"}
-    return {"granted": granted}
+    if dispatched.error is not None:
+        return {"granted": dispatched.granted, "error": "celery_broker_unavailable"}
+    return {"granted": dispatched.granted}
 
 
 @app.task(name=PUBLISH_TASK)
@@ -68,10 +71,21 @@ def publish(partition: int, epoch: int, partition_count: int) -> dict[str, Any]:
         return {"partition": partition, "epoch": epoch, "error": "database_unavailable"}
     if report.more and not report.circuit_open and not report.lease_lost:
         # Drain chaining: a full partition does not wait for the next beat tick.
-        claim.apply_async(
-            args=(partition, partition_count),
-            expires=max(runtime.settings.poll_interval_seconds * 3, 1.0),
-        )
+        try:
+            claim.apply_async(
+                args=(partition, partition_count),
+                expires=max(runtime.settings.poll_interval_seconds * 3, 1.0),
+            )
+        except Exception as error:
+            # The lease is already released: the next beat tick claims the partition.
+            event(
+                log,
+                logging.WARNING,
+                "claim_enqueue_failed",
+                "could not chain a claim; the next tick will claim",
+                partition=partition,
+                error=describe_error(error),
+            )
     return report.as_dict()
 
 
@@ -103,7 +117,7 @@ def cleanup() -> dict[str, Any]:
             report = run_cleanup(
                 runtime.engine(),
                 settings,
-                max_seconds=min(settings.cleanup_interval_seconds, 900.0),
+                max_seconds=cleanup_budget(settings),
             )
     except DatabaseUnavailable as error:
         event(log, logging.WARNING, "database_unavailable", "cleanup stopped", error=str(error))

@@ -16,8 +16,9 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from celery import bootsteps
 from celery.signals import (
@@ -30,7 +31,7 @@ from celery.worker.control import control_command, inspect_command
 from sqlalchemy.engine import Engine
 
 from outbox_tasks.celery import PUBLISH_TASK, app, settings
-from outbox_tasks.db import make_engine
+from outbox_tasks.db import make_engine, relay_idle_in_transaction
 from outbox_tasks.deployment import (
     DATABASE_HEADER,
     NamespaceConflict,
@@ -39,10 +40,12 @@ from outbox_tasks.deployment import (
     foreign_reason,
     identify,
 )
+from outbox_tasks.errors import describe_error
 from outbox_tasks.logs import configure, event, get_logger
 from outbox_tasks.metrics import (
     SNAPSHOT,
     RelayMetrics,
+    WakeupMetrics,
     enable_multiprocess,
     pid_alive,
     pool_gauge,
@@ -50,7 +53,7 @@ from outbox_tasks.metrics import (
     serve,
 )
 from outbox_tasks.publisher import BrokerPublisher
-from outbox_tasks.relay import Relay, claim_partition
+from outbox_tasks.relay import Relay, claim_partition, hand_back
 from outbox_tasks.settings import Settings
 from outbox_tasks.store.records import Lease
 from outbox_tasks.store.relay import PostgresRelayStore
@@ -58,8 +61,13 @@ from outbox_tasks.wakeup import WakeupListener
 
 log = get_logger("worker")
 
-Claim = Callable[[int, int | None], Lease | None]
-"""Claims one partition: ``claim(partition, partition_count)``, the lease or None."""
+
+class Claimer(Protocol):
+    """Claims partitions and hands back a lease it could not dispatch (a Relay is one)."""
+
+    def claim(self, partition: int, partition_count: int | None = None) -> Lease | None: ...
+
+    def hand_back(self, lease: Lease) -> bool: ...
 
 
 class ProcessRuntime:
@@ -88,7 +96,11 @@ class ProcessRuntime:
         """This process's engine (a pool of two connections)."""
         self._this_process()
         if self._engine is None:
-            self._engine = make_engine(self.settings, pool_size=2)
+            self._engine = make_engine(
+                self.settings,
+                pool_size=2,
+                idle_in_transaction_seconds=relay_idle_in_transaction(self.settings),
+            )
         return self._engine
 
     def relay(self) -> Relay:
@@ -131,22 +143,51 @@ class ProcessRuntime:
 runtime = ProcessRuntime(settings)
 
 
+@dataclass
+class Dispatched:
+    """What :func:`claim_and_dispatch` did: the partitions whose publish task is queued, and
+    why it stopped early (the Celery broker refused a task), if it did."""
+
+    granted: list[int] = field(default_factory=list)
+    error: str | None = None
+
+
 def claim_and_dispatch(
-    claim: Claim, partitions: Iterable[int], partition_count: int | None = None
-) -> list[int]:
+    claimer: Claimer, partitions: Iterable[int], partition_count: int | None = None
+) -> Dispatched:
     """Claim each partition; enqueue an ``outbox.publish`` task for every lease granted (it
-    expires with the lease). Returns the partitions granted."""
-    granted = []
+    expires with the lease).
+
+    A lease whose task could not be enqueued (Celery's broker unreachable or timing out, or any
+    other error of the send) is handed back at once, so the partition does not wait out
+    ``OUTBOX_LEASE_SECONDS``, and the remaining partitions are left to the next tick. Raises
+    ``DatabaseUnavailable`` from the claims (a lease granted before stays until it expires)."""
+    dispatched = Dispatched()
     for partition in partitions:
-        lease = claim(partition, partition_count)
-        if lease is not None:
+        lease = claimer.claim(partition, partition_count)
+        if lease is None:
+            continue
+        try:
             app.send_task(
                 PUBLISH_TASK,
                 args=(partition, lease.epoch, lease.partition_count),
                 expires=runtime.settings.lease_seconds,
             )
-            granted.append(partition)
-    return granted
+        except Exception as error:
+            dispatched.error = describe_error(error)
+            event(
+                log,
+                logging.WARNING,
+                "publish_enqueue_failed",
+                "could not enqueue a publish task; its lease is handed back",
+                partition=partition,
+                epoch=lease.epoch,
+                error=dispatched.error,
+            )
+            claimer.hand_back(lease)
+            return dispatched
+        dispatched.granted.append(partition)
+    return dispatched
 
 
 # --- remote control ----------------------------------------------------------------------------
@@ -345,17 +386,26 @@ def _on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
 # --- the wake-up bootstep -----------------------------------------------------------------------
 
 
-def claimer(settings: Settings, engine: Engine, owner: str) -> Claim:
+class StoreClaimer:
     """Claims for the wake-up listener, which only claims (publish tasks publish): no relay,
     no publisher, the relay's claim on ``engine``."""
-    store = PostgresRelayStore(engine)
 
-    def claim(partition: int, partition_count: int | None) -> Lease | None:
+    def __init__(self, settings: Settings, engine: Engine, owner: str) -> None:
+        self.settings = settings
+        self.store = PostgresRelayStore(engine)
+        self.owner = owner
+
+    def claim(self, partition: int, partition_count: int | None = None) -> Lease | None:
         return claim_partition(
-            store, settings, owner=owner, partition=partition, partition_count=partition_count
+            self.store,
+            self.settings,
+            owner=self.owner,
+            partition=partition,
+            partition_count=partition_count,
         )
 
-    return claim
+    def hand_back(self, lease: Lease) -> bool:
+        return hand_back(self.store, lease)
 
 
 class WakeupStep(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -372,17 +422,23 @@ class WakeupStep(bootsteps.StartStopStep):  # type: ignore[misc]
         if not settings.wakeup_enabled:
             return
         configure()
-        self.engine = make_engine(settings, pool_size=1, application_name="outbox_tasks.wakeup")
-        claim = claimer(settings, self.engine, f"{socket.gethostname()}:{os.getpid()}:wakeup")
+        self.engine = make_engine(
+            settings,
+            pool_size=1,
+            application_name="outbox_tasks.wakeup",
+            idle_in_transaction_seconds=relay_idle_in_transaction(settings),
+        )
+        claimer = StoreClaimer(
+            settings, self.engine, f"{socket.gethostname()}:{os.getpid()}:wakeup"
+        )
+        gauge = WakeupMetrics()
+        gauge.listening(False)
 
         def on_partitions(partitions: set[int]) -> None:
-            claim_and_dispatch(claim, sorted(partitions))
+            claim_and_dispatch(claimer, sorted(partitions))
 
-        self.listener = WakeupListener(
-            settings.libpq_url,
-            settings.partitions,
-            on_partitions,
-            debounce_seconds=settings.wakeup_debounce_seconds,
+        self.listener = WakeupListener.from_settings(
+            settings, on_partitions, on_listening=gauge.listening
         )
         self.listener.start()
 
