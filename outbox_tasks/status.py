@@ -5,6 +5,7 @@ their circuits is the caller's business (``add_circuits`` takes their answers)."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
@@ -16,6 +17,8 @@ from outbox_tasks.settings import Settings
 from outbox_tasks.store import reports
 
 OLDEST_PENDING_ATTENTION_SECONDS = 300.0
+# Below this many seconds since the last publish the relay is moving: no stall query is run.
+QUIET_SECONDS = 5.0
 _NO_BACKLOG = reports.PartitionBacklog(rows=0, due=0)
 
 
@@ -43,6 +46,8 @@ class Status:
     retrying_messages: int
     last_published_at: datetime | None
     published_last_minute: int
+    # How long rows the relay could publish have waited while nothing was published (0: moving).
+    stalled_seconds: float = 0.0
     # Worker name -> circuit open (None: that worker could not tell); None: no worker answered.
     circuits: dict[str, bool | None] | None = None
     dead_tuples: int = 0
@@ -67,14 +72,19 @@ class Status:
 
 
 def collect_status(engine: Engine, settings: Settings) -> Status:
-    """One reading of the database (one connection, five statements): totals, the backlog and
-    lease of each of ``settings.partitions`` partitions, and the outbox table's statistics."""
+    """One reading of the database (one connection, six or seven statements): totals, the
+    backlog and lease of each of ``settings.partitions`` partitions, the outbox table's
+    statistics, and whether the relay is stalled (see :func:`stalled_seconds`)."""
     with engine.connect() as conn:
         totals = reports.outbox_totals(conn)
         recent = reports.count_published_last_minute(conn)
         backlog = reports.backlog_by_partition(conn, settings.partitions)
         health = reports.table_health(conn)
         leases = reports.lease_states(conn, settings.partitions)
+        stalled = stalled_seconds(
+            reports.seconds_since_last_publish(conn),
+            lambda: reports.oldest_movable_wait_seconds(conn),
+        )
 
     by_partition = {r.partition: r for r in leases}
     rows = []
@@ -106,6 +116,7 @@ def collect_status(engine: Engine, settings: Settings) -> Status:
         retrying_messages=totals.retrying_messages,
         last_published_at=last,
         published_last_minute=recent,
+        stalled_seconds=stalled,
         dead_tuples=health.n_dead_tup if health else 0,
         live_tuples=health.n_live_tup if health else 0,
         last_autovacuum=health.last_autovacuum if health else None,
@@ -116,10 +127,30 @@ def collect_status(engine: Engine, settings: Settings) -> Status:
             f"{status.parked_messages} dead-lettered message(s) park "
             f"{status.parked_aggregates} aggregate(s)"
         )
+    if stalled > settings.stall_seconds:
+        status.problems.append(
+            f"relay stalled: messages it could publish have waited {stalled:.0f} s with nothing "
+            "published (check the workers' connections to PostgreSQL and the Celery broker; "
+            "runbook: OutboxRelayStalled)"
+        )
     age = status.oldest_pending_age_seconds
     if age is not None and age > OLDEST_PENDING_ATTENTION_SECONDS:
         status.problems.append(f"oldest pending message is {age:.0f} s old")
     return status
+
+
+def stalled_seconds(
+    since_last_publish: float | None, oldest_movable_wait: Callable[[], float | None]
+) -> float:
+    """How long the relay has made no progress while rows wait: the shorter of the time since
+    the last publish (None: never) and the wait of the longest-waiting row it could publish
+    now (asked only when the relay looks quiet); 0 when it is moving or nothing waits."""
+    if since_last_publish is not None and since_last_publish < QUIET_SECONDS:
+        return 0.0
+    waiting = oldest_movable_wait()
+    if waiting is None:
+        return 0.0
+    return max(0.0, waiting if since_last_publish is None else min(since_last_publish, waiting))
 
 
 def add_circuits(status: Status, circuits: dict[str, bool | None] | None) -> None:
@@ -140,6 +171,7 @@ def render_status(status: Status) -> str:
         f"dead letters / parked {status.parked_messages} / {status.parked_aggregates} aggregates",
         f"published last minute {status.published_last_minute}",
         f"last publish          {status.last_published_at or '-'}",
+        f"relay progress        {_progress_line(status.stalled_seconds)}",
         f"broker circuit        {_circuits_line(status.circuits)}",
         "",
         "partition  slots       owner                          epoch  backlog  lease until",
@@ -166,7 +198,12 @@ def db_snapshot(status: Status) -> dict[str, float]:
         "outbox_table_last_autovacuum_timestamp_seconds": (
             status.last_autovacuum.timestamp() if status.last_autovacuum else 0.0
         ),
+        "outbox_relay_stalled_seconds": status.stalled_seconds,
     }
+
+
+def _progress_line(stalled: float) -> str:
+    return "moving" if stalled <= 0 else f"no publish for {stalled:.0f} s while messages wait"
 
 
 def _circuits_line(circuits: dict[str, bool | None] | None) -> str:

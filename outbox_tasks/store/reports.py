@@ -123,6 +123,45 @@ def lease_states(conn: Connection, partition_count: int) -> list[LeaseState]:
     ]
 
 
+_SINCE_LAST_PUBLISH = text(
+    "SELECT EXTRACT(EPOCH FROM clock_timestamp() - max(last_published_at)) FROM outbox_partition"
+)
+
+
+def seconds_since_last_publish(conn: Connection) -> float | None:
+    """Seconds since any partition (of any partition count) last published a batch; None when
+    none ever did."""
+    value = conn.execute(_SINCE_LAST_PUBLISH).scalar_one()
+    return None if value is None else float(value)
+
+
+# Rows the relay could publish right now: due, not dead-lettered, and not held back by an
+# earlier row of their aggregate that waits for a retry or is parked. Each one has waited since
+# it was written or its retry came due, whichever is later.
+_OLDEST_MOVABLE_WAIT = text(
+    """
+    SELECT EXTRACT(EPOCH FROM clock_timestamp()
+                   - min(greatest(o.created_at, coalesce(o.next_attempt_at, o.created_at))))
+    FROM outbox o
+    WHERE o.published_at IS NULL AND o.dead_lettered_at IS NULL
+      AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= clock_timestamp())
+      AND NOT EXISTS (
+          SELECT 1 FROM outbox b
+          WHERE b.aggregate_type = o.aggregate_type AND b.aggregate_id = o.aggregate_id
+            AND b.seq < o.seq AND b.published_at IS NULL
+            AND (b.dead_lettered_at IS NOT NULL OR b.next_attempt_at > clock_timestamp()))
+    """
+)
+
+
+def oldest_movable_wait_seconds(conn: Connection) -> float | None:
+    """How long the longest-waiting row the relay could publish now has waited (seconds, since
+    it was written or its retry came due); None when there is no such row. Scans the pending
+    rows: call it when the relay looks quiet, not on every tick."""
+    value = conn.execute(_OLDEST_MOVABLE_WAIT).scalar_one()
+    return None if value is None else float(value)
+
+
 @dataclass(frozen=True, slots=True)
 class TableHealth:
     """Statistics of the outbox table (``pg_stat_user_tables``: a few hundred ms behind,

@@ -6,6 +6,7 @@ import json
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -83,6 +84,10 @@ def test_published_total_rises_by_exactly_the_number_published_and_pending_falls
         assert metrics["outbox_relay_last_success_timestamp_seconds"] > 0
         assert metrics.get("outbox_circuit_open", 0) == 0
         assert "outbox_partitions_unowned" in metrics
+        # The wake-up listener is up, the snapshot is fresh and the relay is not stalled.
+        assert metrics["outbox_wakeup_listening"] == 1
+        assert time.time() - metrics["outbox_metrics_snapshot_timestamp_seconds"] < 30
+        assert metrics["outbox_relay_stalled_seconds"] == 0
         # `outbox-tasks status` asks the running worker for its circuit (closed) and is healthy.
         done = subprocess.run(
             [sys.executable, "-m", "outbox_tasks.cli", "status", "--json"],
