@@ -8,7 +8,6 @@ value and what is expected, instead of failing later inside a task.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -18,6 +17,16 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from outbox_tasks.errors import ConfigurationError
 from outbox_tasks.limits import DEFAULT_MAX_MESSAGE_BYTES
+from outbox_tasks.parsers import Invalid as _Invalid
+from outbox_tasks.parsers import boolean as _bool
+from outbox_tasks.parsers import choice as _choice
+from outbox_tasks.parsers import event_type_policies as _event_type_policies
+from outbox_tasks.parsers import integer as _int
+from outbox_tasks.parsers import name as _name
+from outbox_tasks.parsers import optional_url as _optional_url
+from outbox_tasks.parsers import seconds as _seconds
+from outbox_tasks.parsers import string as _string
+from outbox_tasks.parsers import url as _url
 from outbox_tasks.redaction import redact_url
 
 ENV_PREFIX = "OUTBOX_"
@@ -26,113 +35,6 @@ SLOT_COUNT = 1024  # fixed slot range (DESIGN 4.2); partitions are contiguous sl
 CLEANUP_MODES = ("delete", "retain", "archive")
 DATABASE_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg")
 BROKER_SCHEMES = ("redis", "rediss", "amqp", "amqps", "pyamqp")
-
-
-class _Invalid(ValueError):
-    """Raised by a parser; turned into a ConfigurationError naming the variable."""
-
-
-def _int(low: int, high: int | None = None) -> Callable[[str], int]:
-    expected = f"an integer from {low} to {high}" if high is not None else f"an integer >= {low}"
-
-    def parse(raw: str) -> int:
-        try:
-            value = int(raw.strip())
-        except ValueError:
-            raise _Invalid(expected) from None
-        if value < low or (high is not None and value > high):
-            raise _Invalid(expected)
-        return value
-
-    return parse
-
-
-def _seconds(*, allow_zero: bool = False) -> Callable[[str], float]:
-    expected = "a number of seconds >= 0" if allow_zero else "a number of seconds > 0"
-
-    def parse(raw: str) -> float:
-        try:
-            value = float(raw.strip())
-        except ValueError:
-            raise _Invalid(expected) from None
-        if not math.isfinite(value):
-            raise _Invalid(expected)
-        if value < 0 or (value == 0 and not allow_zero):
-            raise _Invalid(expected)
-        return value
-
-    return parse
-
-
-def _bool(raw: str) -> bool:
-    value = raw.strip().lower()
-    if value in ("1", "true", "yes", "on"):
-        return True
-    if value in ("0", "false", "no", "off"):
-        return False
-    raise _Invalid("one of true/false, yes/no, on/off, 1/0")
-
-
-def _choice(*choices: str) -> Callable[[str], str]:
-    def parse(raw: str) -> str:
-        value = raw.strip().lower()
-        if value not in choices:
-            raise _Invalid("one of " + ", ".join(choices))
-        return value
-
-    return parse
-
-
-def _url(*schemes: str) -> Callable[[str], str]:
-    expected = "a URL starting with " + " or ".join(f"{s}://" for s in schemes)
-
-    def parse(raw: str) -> str:
-        value = raw.strip()
-        try:
-            parts = urlsplit(value)
-            parts.port  # noqa: B018 - raises ValueError on a malformed port
-        except ValueError:
-            raise _Invalid(expected) from None
-        if parts.scheme not in schemes or not (parts.hostname or parts.path.strip("/")):
-            raise _Invalid(expected)
-        return value
-
-    return parse
-
-
-def _optional_url(*schemes: str) -> Callable[[str], str | None]:
-    inner = _url(*schemes)
-
-    def parse(raw: str) -> str | None:
-        return inner(raw) if raw.strip() else None
-
-    return parse
-
-
-_NAME = re.compile(r"^[A-Za-z0-9_.:-]+$")
-
-
-def _name(raw: str) -> str:
-    value = raw.strip()
-    if not _NAME.match(value):
-        raise _Invalid("a non-empty name of letters, digits, '.', '_', ':' or '-'")
-    return value
-
-
-def _string(raw: str) -> str:
-    return raw.strip()
-
-
-def _event_type_policies(raw: str) -> dict[str, str]:
-    """``OrderViewed=skip,PriceChanged=skip``: event types whose dead letters do not park."""
-    result: dict[str, str] = {}
-    expected = "a comma-separated list of EventType=park|skip"
-    for item in filter(None, (part.strip() for part in raw.split(","))):
-        name, sep, policy = item.partition("=")
-        if not sep or not name.strip() or policy.strip() not in ("park", "skip"):
-            raise _Invalid(expected)
-        result[name.strip()] = policy.strip()
-    return result
 
 
 def _setting(default: Any, parse: Callable[[str], Any], doc: str, *, url: bool = False) -> Any:
@@ -236,10 +138,11 @@ class Settings:
         5.0, _seconds(), "Longest pause between attempts while the broker is down."
     )
     stall_seconds: float = _setting(
-        120.0,
+        None,
         _seconds(),
         "How long due rows may wait while nothing is published before `outbox-tasks status` "
-        "calls the relay stalled (keep the OutboxRelayStalled alert in step).",
+        "calls the relay stalled (keep the OutboxRelayStalled alert in step). Default: 120, or "
+        "4 x OUTBOX_LEASE_SECONDS when that is longer.",
     )
     wakeup_enabled: bool = _setting(
         True, _bool, "Listen for NOTIFY from the outbox trigger and claim at once (low latency)."
@@ -501,6 +404,11 @@ def _backoff_max_default(settings: Settings) -> float:
     return max(300.0, settings.backoff_base_seconds)
 
 
+def _stall_default(settings: Settings) -> float:
+    # Several leases: a killed worker's partitions coming free do not look like a stall.
+    return max(120.0, 4 * settings.lease_seconds)
+
+
 def database_name(database_url: str) -> str:
     """The database a PostgreSQL URL names (libpq's rules: the path, a ``dbname`` parameter, or
     else the user name)."""
@@ -530,6 +438,7 @@ def _namespace_default(settings: Settings) -> str:
 DERIVED: dict[str, Callable[[Settings], Any]] = {
     "publish_task_seconds": _publish_task_default,
     "backoff_max_seconds": _backoff_max_default,
+    "stall_seconds": _stall_default,
     "namespace": _namespace_default,
 }
 

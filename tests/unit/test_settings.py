@@ -503,3 +503,10 @@ def test_the_wake_up_listener_connects_to_the_database_unless_told_otherwise() -
     direct = settings.with_changes(wakeup_database_url="postgres://u@db-direct:5432/app")
     assert direct.wakeup_libpq_url == "postgresql://u@db-direct:5432/app"
     assert direct.libpq_url == "postgresql://u@db/app"
+
+
+def test_the_stall_bound_follows_a_long_lease_and_an_explicit_one_must_exceed_the_lease() -> None:
+    assert Settings.from_env({}).stall_seconds == 120
+    assert Settings.from_env({"OUTBOX_LEASE_SECONDS": "60"}).stall_seconds == 240
+    with pytest.raises(ConfigurationError, match=r"OUTBOX_STALL_SECONDS.*OUTBOX_LEASE_SECONDS"):
+        Settings.from_env({"OUTBOX_STALL_SECONDS": "30"})
