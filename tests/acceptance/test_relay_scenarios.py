@@ -139,9 +139,12 @@ class LeaseSampler:
     _stop: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
+        # clock_timestamp(), not now(): now() is the transaction's start, which a loaded machine
+        # can put well before the statement's snapshot, so a lease released before the snapshot
+        # would still look live "at" that time. A lease's end read after the snapshot is exact.
         query = text(
             "SELECT partition_count, partition, slot_lo, slot_hi, epoch, owner, leased_until, "
-            "now() AS at FROM outbox_partition WHERE leased_until > now()"
+            "clock_timestamp() AS at FROM outbox_partition WHERE leased_until > clock_timestamp()"
         )
         try:
             with self.engine.connect() as conn:
