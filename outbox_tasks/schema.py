@@ -17,6 +17,7 @@ from sqlalchemy import (
     CheckConstraint,
     Computed,
     DateTime,
+    FetchedValue,
     Identity,
     Index,
     Integer,
@@ -112,7 +113,14 @@ class OutboxMessage(Base):
     retry_count: Mapped[int] = mapped_column(Integer, server_default=text("0"))
     last_error: Mapped[str | None] = mapped_column(Text)
     seq: Mapped[int] = mapped_column(BigInteger, Identity(always=True))
+    # Kept for the contract (DESIGN 3); ordering no longer reads it (docs/relay.md).
     txid: Mapped[int] = mapped_column(XID8, server_default=text("pg_current_xact_id()"))
+    # 1, 2, 3 ... per aggregate, no holes: set by the outbox_assign_sequence trigger (migration
+    # 0004), which also draws ``seq`` again so both grow in commit order per aggregate.
+    # NULL only for published history put back without one (docs/cleanup.md).
+    aggregate_sequence: Mapped[int | None] = mapped_column(
+        BigInteger, server_default=FetchedValue()
+    )
     slot: Mapped[int] = mapped_column(SmallInteger, Computed(SLOT_EXPRESSION, persisted=True))
     next_attempt_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     headers: Mapped[dict[str, Any]] = mapped_column(JSONB, server_default=text("'{}'::jsonb"))
@@ -126,6 +134,10 @@ class OutboxMessage(Base):
         CheckConstraint("aggregate_id <> ''", name="aggregate_id_not_empty"),
         CheckConstraint("event_type <> ''", name="event_type_not_empty"),
         CheckConstraint("retry_count >= 0", name="retry_count_not_negative"),
+        CheckConstraint(
+            "published_at IS NOT NULL OR aggregate_sequence IS NOT NULL",
+            name="pending_rows_are_numbered",
+        ),
         # The claim scan: pending rows of a slot range, slot-major then seq (DESIGN 4.3).
         Index(
             "ix_outbox_pending",
@@ -150,7 +162,14 @@ class OutboxMessage(Base):
                 "OR dead_lettered_at IS NOT NULL)"
             ),
         ),
-        Index("ix_outbox_aggregate", "aggregate_type", "aggregate_id"),
+        # Lookups by aggregate; unique: the database itself refuses a repeated number.
+        Index(
+            "ix_outbox_aggregate_sequence",
+            "aggregate_type",
+            "aggregate_id",
+            "aggregate_sequence",
+            unique=True,
+        ),
         Index("ix_outbox_created_at", "created_at"),
         # Retention cleanup deletes by age of publication.
         Index(
@@ -265,6 +284,44 @@ class OutboxPartition(Base):
     )
 
 
+class OutboxAggregate(Base):
+    """One counter per aggregate: the last ``aggregate_sequence`` handed out.
+
+    Written only by the ``outbox_assign_sequence`` trigger, in the inserting transaction (its row
+    lock is what makes a second writer of the aggregate wait). Never reset or deleted by outbox
+    code: a consumer group may hold a high-water mark for the aggregate (docs/relay.md).
+    """
+
+    __tablename__ = "outbox_aggregate"
+
+    aggregate_type: Mapped[str] = mapped_column(Text)
+    aggregate_id: Mapped[str] = mapped_column(Text)
+    last_sequence: Mapped[int] = mapped_column(BigInteger)
+
+    __table_args__ = (PrimaryKeyConstraint("aggregate_type", "aggregate_id"),)
+
+
+class OutboxAggregateSkip(Base):
+    """An ``aggregate_sequence`` that will never be published, on purpose.
+
+    Written by the ``outbox_record_skip`` trigger when a dead-lettered, unpublished outbox row is
+    deleted (discard, ``skip`` policy, an operator's DELETE). The relay reads it to tell
+    consumers which number was published before a message (``previous_aggregate_sequence``).
+    """
+
+    __tablename__ = "outbox_aggregate_skip"
+
+    aggregate_type: Mapped[str] = mapped_column(Text)
+    aggregate_id: Mapped[str] = mapped_column(Text)
+    aggregate_sequence: Mapped[int] = mapped_column(BigInteger)
+    event_id: Mapped[uuid.UUID] = mapped_column(Uuid)
+    skipped_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), server_default=text("now()")
+    )
+
+    __table_args__ = (PrimaryKeyConstraint("aggregate_type", "aggregate_id", "aggregate_sequence"),)
+
+
 class DeadLetter(Base):
     """A message that exhausted its retries, with its history and how it was resolved."""
 
@@ -344,6 +401,11 @@ class ConsumerPosition(Base):
     """Per consumer group and aggregate, the highest sequence handled (drops stale redeliveries),
     and whether the aggregate is parked (ordered groups; see ``outbox_tasks.consumer``).
 
+    ``last_aggregate_sequence`` is the highest ``aggregate_sequence`` handled (None: the group
+    has not handled one yet, so it accepts the next it sees); ``parked_reason`` says why the
+    aggregate is parked: ``dead_lettered`` (an event exhausted its retries) or ``gap`` (an
+    event arrived after a missing one).
+
     ``dead_sequence`` is the highest sequence of the aggregate sent to the group's dead-letter
     queue: a parked aggregate resumes by itself once a replay has handled up to it.
     """
@@ -363,6 +425,8 @@ class ConsumerPosition(Base):
     parked_event_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     parked_error: Mapped[str | None] = mapped_column(Text)
     dead_sequence: Mapped[int | None] = mapped_column(BigInteger)
+    last_aggregate_sequence: Mapped[int | None] = mapped_column(BigInteger)
+    parked_reason: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         PrimaryKeyConstraint("consumer_group", "aggregate_type", "aggregate_id"),

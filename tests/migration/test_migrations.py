@@ -4,9 +4,7 @@ again, downgrading to base leaves nothing behind, and offline (--sql) mode works
 from __future__ import annotations
 
 import io
-import os
 import re
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -15,7 +13,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, pool, text
+from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
 from outbox_tasks.schema import SLOT_EXPRESSION, Base
@@ -34,7 +32,12 @@ OUTBOX_TABLES = {
     "outbox_dead_letter_audit",
     "outbox_consumer_receipt",
     "outbox_consumer_position",
+    "outbox_aggregate",
+    "outbox_aggregate_skip",
 }
+HEAD_TRIGGERS = {"outbox_wakeup", "outbox_assign_sequence", "outbox_record_skip"}
+HEAD_FUNCTIONS = {"outbox_notify_wakeup", "outbox_assign_sequence", "outbox_record_skip"}
+TABLES_BEFORE_0004 = OUTBOX_TABLES - {"outbox_aggregate", "outbox_aggregate_skip"}
 CONTRACT_INDEXES = {
     "ix_outbox_pending": ("(slot, seq)", "(published_at IS NULL)"),
     "ix_outbox_aggregate_pending": (
@@ -50,36 +53,6 @@ AUTOVACUUM = {
     "autovacuum_analyze_scale_factor=0.02",
     "autovacuum_vacuum_cost_delay=1",
 }
-
-
-@pytest.fixture
-def empty_database() -> Iterator[str]:
-    """A brand-new database with nothing in it (not the migrated template)."""
-    if not services.reachable("127.0.0.1", 5432):
-        message = "PostgreSQL is not reachable at 127.0.0.1:5432"
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
-    name = services.unique("outbox_mig")
-    services.admin_execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield services.db_url(name).replace("postgresql://", "postgresql+psycopg://", 1)
-    finally:
-        services.drop_database(name)
-
-
-@pytest.fixture
-def alembic_config(empty_database: str) -> Config:
-    config = Config(str(services.ROOT / "alembic.ini"))
-    config.set_main_option("sqlalchemy.url", empty_database)
-    return config
-
-
-@pytest.fixture
-def db_engine(empty_database: str) -> Iterator[Engine]:
-    eng = create_engine(empty_database, poolclass=pool.NullPool)
-    yield eng
-    eng.dispose()
 
 
 def _tables(conn: Connection) -> set[str]:
@@ -161,7 +134,7 @@ def test_the_partial_index_predicates_are_in_the_database(
     # read only pending rows; cleanup reads only published ones).
     for name, (columns, predicate) in CONTRACT_INDEXES.items():
         assert actual[name] == f"USING btree {columns} WHERE {predicate}", name
-    for name in ("ix_outbox_aggregate", "ix_outbox_created_at", "pk_outbox"):
+    for name in ("ix_outbox_aggregate_sequence", "ix_outbox_created_at", "pk_outbox"):
         assert " WHERE " not in actual[name], actual[name]
 
 
@@ -256,7 +229,8 @@ def test_the_seed_columns_and_defaults_are_in_the_database(
     for required in ("id", "aggregate_type", "aggregate_id", "event_type", "payload"):
         assert columns[required].is_nullable == "NO"
     # Everything beyond the seed's five columns has a default or is nullable, so a plain
-    # INSERT of the seed columns works from any language.
+    # INSERT of the seed columns works from any language (aggregate_sequence is nullable; the
+    # outbox_assign_sequence trigger numbers every pending row: tests/integration).
     for name, column in columns.items():
         if name in ("id", "aggregate_type", "aggregate_id", "event_type", "payload", "slot"):
             continue
@@ -286,7 +260,7 @@ def test_the_wakeup_trigger_is_statement_level_after_insert(
     assert trigger.event_manipulation == "INSERT"
     assert trigger.action_orientation == "STATEMENT"
     assert "outbox_notify_wakeup()" in trigger.action_statement
-    assert functions == {"outbox_notify_wakeup"}
+    assert functions == HEAD_FUNCTIONS
 
 
 def test_the_wakeup_trigger_notifies_the_inserted_slots_on_commit(
@@ -333,7 +307,7 @@ def test_every_revision_downgrades_and_upgrades_again_step_by_step(
 ) -> None:
     script = ScriptDirectory.from_config(alembic_config)
     revisions = list(reversed(list(script.walk_revisions("base", "heads"))))
-    assert [r.revision for r in revisions] == ["0001", "0002", "0003"]
+    assert [r.revision for r in revisions] == ["0001", "0002", "0003", "0004"]
     assert len(script.get_heads()) == 1
 
     for revision in revisions:
@@ -357,14 +331,14 @@ def test_every_revision_downgrades_and_upgrades_again_step_by_step(
             conn, opts={"compare_type": True, "compare_server_default": True}
         )
         assert compare_metadata(context, Base.metadata) == []
-        assert _triggers(conn) == {"outbox_wakeup"}
+        assert _triggers(conn) == HEAD_TRIGGERS
         assert _reloptions(conn) == AUTOVACUUM
 
 
 def test_each_revision_adds_what_it_says(alembic_config: Config, db_engine: Engine) -> None:
     command.upgrade(alembic_config, "0001")
     with db_engine.connect() as conn:
-        assert _tables(conn) == OUTBOX_TABLES | {"alembic_version"}
+        assert _tables(conn) == TABLES_BEFORE_0004 | {"alembic_version"}
         assert _triggers(conn) == set()
         assert _reloptions(conn) == set()
 
