@@ -17,6 +17,8 @@ H_AGGREGATE_TYPE = "outbox-aggregate-type"
 H_AGGREGATE_ID = "outbox-aggregate-id"
 H_EVENT_TYPE = "outbox-event-type"
 H_SEQUENCE = "outbox-sequence"
+H_AGGREGATE_SEQUENCE = "outbox-aggregate-sequence"
+H_PREVIOUS_AGGREGATE_SEQUENCE = "outbox-previous-aggregate-sequence"
 H_PARTITION = "outbox-partition"
 H_EPOCH = "outbox-epoch"
 H_ATTEMPT = "outbox-attempt"
@@ -29,6 +31,8 @@ RESERVED_HEADERS = frozenset(
         H_AGGREGATE_ID,
         H_EVENT_TYPE,
         H_SEQUENCE,
+        H_AGGREGATE_SEQUENCE,
+        H_PREVIOUS_AGGREGATE_SEQUENCE,
         H_PARTITION,
         H_EPOCH,
         H_ATTEMPT,
@@ -49,6 +53,7 @@ class OutboundMessage:
     routing_key: str
     body: bytes
     headers: dict[str, Any]
+    aggregate_sequence: int | None = None
 
     @property
     def aggregate_key(self) -> tuple[str, str]:
@@ -79,8 +84,15 @@ def build_message(
     epoch: int,
     attempt: int,
     redelivered: bool,
+    aggregate_sequence: int | None = None,
+    previous_aggregate_sequence: int | None = None,
 ) -> OutboundMessage:
     """Build the wire form of one outbox row.
+
+    ``aggregate_sequence`` is the row's gapless per-aggregate number (1, 2, 3 ...);
+    ``previous_aggregate_sequence`` the number published before it for the aggregate (0 for the
+    first; lower than ``aggregate_sequence - 1`` when the numbers between were dropped on purpose,
+    e.g. a discarded dead letter). Each goes into the body and a header when given.
 
     ``payload_json`` is the payload as stored (jsonb rendered as text by PostgreSQL): it is
     spliced into the body as is, so a payload is never parsed and re-serialized on the hot path.
@@ -95,18 +107,25 @@ def build_message(
     headers[H_AGGREGATE_ID] = aggregate_id
     headers[H_EVENT_TYPE] = event_type
     headers[H_SEQUENCE] = sequence
+    numbers = ""
+    if aggregate_sequence is not None:
+        headers[H_AGGREGATE_SEQUENCE] = aggregate_sequence
+        numbers = f',"aggregate_sequence":{int(aggregate_sequence)}'
+        if previous_aggregate_sequence is not None:
+            headers[H_PREVIOUS_AGGREGATE_SEQUENCE] = previous_aggregate_sequence
+            numbers += f',"previous_aggregate_sequence":{int(previous_aggregate_sequence)}'
     headers[H_PARTITION] = partition
     headers[H_EPOCH] = epoch
     headers[H_ATTEMPT] = attempt
     headers[H_REDELIVERED] = redelivered
     # Byte for byte what json.dumps(envelope, separators=(",", ":")) gave, without building
     # the dict and walking it: the three names are the only free text (escaped by the C
-    # encoder json.dumps uses), the rest is a uuid, an ISO timestamp and two integers.
+    # encoder json.dumps uses), the rest is a uuid, an ISO timestamp and integers.
     body = (
         f'{{"id":"{eid}","aggregate_type":{_quote(aggregate_type)},'
         f'"aggregate_id":{_quote(aggregate_id)},"event_type":{_quote(event_type)},'
         f'"occurred_at":"{occurred_at.isoformat()}","schema_version":{int(schema_version)},'
-        f'"sequence":{int(sequence)},"payload":{payload_json}}}'
+        f'"sequence":{int(sequence)}{numbers},"payload":{payload_json}}}'
     ).encode()
     return OutboundMessage(
         event_id=eid,
@@ -117,6 +136,7 @@ def build_message(
         routing_key=routing_key(aggregate_type, event_type),
         body=body,
         headers=headers,
+        aggregate_sequence=aggregate_sequence,
     )
 
 

@@ -25,6 +25,8 @@ BODY_KEYS = {
     "occurred_at",
     "schema_version",
     "sequence",
+    "aggregate_sequence",
+    "previous_aggregate_sequence",
     "payload",
 }
 OUTBOX_HEADERS = {
@@ -33,6 +35,8 @@ OUTBOX_HEADERS = {
     "outbox-aggregate-id",
     "outbox-event-type",
     "outbox-sequence",
+    "outbox-aggregate-sequence",
+    "outbox-previous-aggregate-sequence",
     "outbox-partition",
     "outbox-epoch",
     "outbox-attempt",
@@ -49,6 +53,8 @@ def _build(**changes: Any) -> OutboundMessage:
         "occurred_at": OCCURRED_AT,
         "schema_version": 2,
         "sequence": 1234,
+        "aggregate_sequence": 5,
+        "previous_aggregate_sequence": 4,
         "payload_json": '{"total": 12.50, "items": [1, 2]}',
         "user_headers": {"traceparent": "00-abc-def-01"},
         "partition": 3,
@@ -77,6 +83,8 @@ def test_the_body_carries_the_row_values() -> None:
     assert datetime.fromisoformat(body["occurred_at"]) == OCCURRED_AT
     assert body["schema_version"] == 2
     assert body["sequence"] == 1234
+    assert body["aggregate_sequence"] == 5
+    assert body["previous_aggregate_sequence"] == 4
     assert body["payload"] == {"total": 12.5, "items": [1, 2]}
 
 
@@ -109,7 +117,7 @@ def test_the_body_is_utf8_json_even_with_awkward_names() -> None:
     assert body["event_type"] == "Cr\u00e9\u00e9"
 
 
-def test_the_headers_have_all_nine_outbox_headers() -> None:
+def test_the_headers_have_all_eleven_outbox_headers() -> None:
     headers = _build().headers
 
     assert {name for name in headers if name.startswith("outbox-")} == OUTBOX_HEADERS
@@ -119,10 +127,52 @@ def test_the_headers_have_all_nine_outbox_headers() -> None:
     assert headers["outbox-aggregate-id"] == "42"
     assert headers["outbox-event-type"] == "OrderCreated"
     assert headers["outbox-sequence"] == 1234
+    assert headers["outbox-aggregate-sequence"] == 5
+    assert headers["outbox-previous-aggregate-sequence"] == 4
     assert headers["outbox-partition"] == 3
     assert headers["outbox-epoch"] == 17
     assert headers["outbox-attempt"] == 2
     assert headers["outbox-redelivered"] is True
+
+
+def test_the_body_is_exactly_what_json_dumps_gives_for_the_envelope() -> None:
+    message = _build(aggregate_type='Ord"er', payload_json='{"a": [1, 2.50]}')
+
+    expected = json.dumps(
+        {
+            "id": str(EVENT_ID),
+            "aggregate_type": 'Ord"er',
+            "aggregate_id": "42",
+            "event_type": "OrderCreated",
+            "occurred_at": OCCURRED_AT.isoformat(),
+            "schema_version": 2,
+            "sequence": 1234,
+            "aggregate_sequence": 5,
+            "previous_aggregate_sequence": 4,
+            "payload": "PAYLOAD",
+        },
+        separators=(",", ":"),
+    ).replace('"PAYLOAD"', '{"a": [1, 2.50]}')
+    assert message.body == expected.encode()
+
+
+def test_a_gap_left_on_purpose_shows_as_a_lower_previous_number() -> None:
+    message = _build(aggregate_sequence=9, previous_aggregate_sequence=6)
+
+    assert json.loads(message.body)["previous_aggregate_sequence"] == 6
+    assert message.headers["outbox-previous-aggregate-sequence"] == 6
+    assert message.aggregate_sequence == 9
+
+
+def test_without_numbers_neither_the_body_nor_the_headers_mention_them() -> None:
+    message = _build(aggregate_sequence=None, previous_aggregate_sequence=None)
+
+    assert set(json.loads(message.body)) == BODY_KEYS - {
+        "aggregate_sequence",
+        "previous_aggregate_sequence",
+    }
+    assert "outbox-aggregate-sequence" not in message.headers
+    assert message.aggregate_sequence is None
 
 
 def test_a_first_delivery_is_not_marked_redelivered() -> None:
