@@ -1,4 +1,5 @@
-"""``python -m bench <name> [options]``: throughput, latency, growth, baseline, cleanup.
+"""``python -m bench <name> [options]``: throughput, latency, growth, baseline, cleanup,
+producer.
 
 Each bench prints a markdown table to stdout (progress goes to stderr) and writes its JSON, with
 versions and settings, to ``bench/results/<name>.json`` (``--output`` to change it). Run from the
@@ -16,6 +17,7 @@ COMMANDS = {
     "growth": ("bench.growth", "batch cost with millions of published rows in the table"),
     "baseline": ("bench.baseline", "the limit alone: psycopg + redis-py / py-amqp, no Celery"),
     "cleanup": ("bench.cleanup", "cleanup of published rows vs concurrent insert latency"),
+    "producer": ("bench.producer", "what the per-aggregate counter costs producers, and its size"),
 }
 
 
