@@ -14,6 +14,9 @@ per-round ratios (after / before), so the machine's load moves both sides alike:
   own work). After: each writer waits for the one before it to commit. Throughput, and per
   transaction the time spent in the INSERT (the wait) and in the whole transaction, p50 / p99.
 
+Each workload runs with ``synchronous_commit`` on (the default: every commit waits for its WAL
+flush) and off (what is left is the statements' own cost, where the trigger shows most).
+
 Then the storage: ``--size-aggregates`` distinct aggregates written once each, the counter table
 (heap + primary key) per aggregate, and what the new column and unique index add to the outbox.
 Markdown on stdout, JSON in ``bench/results/producer.json``.
@@ -56,6 +59,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="hot aggregate: ms each transaction stays open after its insert (0,2)",
     )
     parser.add_argument(
+        "--synchronous-commit",
+        type=common.csv_choices(("on", "off")),
+        default=["on", "off"],
+        help="run every workload with each (on,off): off leaves out the wait for the WAL flush, "
+        "which on a shared machine is most of a commit and most of its noise",
+    )
+    parser.add_argument(
         "--size-aggregates", type=int, default=100_000, help="for the storage numbers (100000)"
     )
     common.add_output_argument(parser)
@@ -80,6 +90,11 @@ def migrated_database(revision: str) -> Iterator[str]:
         yield url
     finally:
         services.drop_database(name)
+
+
+def with_synchronous_commit(url: str, value: str) -> str:
+    """The URL with ``synchronous_commit`` set for every connection made from it."""
+    return f"{url}?options=-csynchronous_commit%3D{value}"
 
 
 def reset(url: str) -> None:
@@ -280,6 +295,7 @@ def main(argv: list[str]) -> int:
         "writers": args.writers,
         "hold_ms": args.hold_ms,
         "size_aggregates": args.size_aggregates,
+        "synchronous_commit": args.synchronous_commit,
         "before": f"migrations up to {BEFORE}",
         "after": "migrations up to head (0004: outbox_aggregate counter trigger)",
     }
@@ -296,10 +312,13 @@ def main(argv: list[str]) -> int:
 
     with migrated_database(BEFORE) as before, migrated_database(AFTER) as after:
         urls = {"before": before, "after": after}
-        for name, workload in workloads:
-            summary, runs = alternate(name, workload, urls, args.rounds, args.seconds)
-            results.summary.append(summary)
-            results.runs.extend(runs)
+        for sync in args.synchronous_commit:
+            sync_urls = {side: with_synchronous_commit(url, sync) for side, url in urls.items()}
+            for name, workload in workloads:
+                label = f"{name}, synchronous_commit {sync}"
+                summary, runs = alternate(label, workload, sync_urls, args.rounds, args.seconds)
+                results.summary.append(summary)
+                results.runs.extend(runs)
         common.log(f"storage: {args.size_aggregates:,} aggregates, one event each")
         sizes = {side: storage(url, args.size_aggregates) for side, url in urls.items()}
         versions_info = common.versions(after)
