@@ -163,6 +163,10 @@ class StoredRow(Protocol):
     def headers(self) -> dict[str, Any]: ...
     @property
     def retry_count(self) -> int: ...
+    @property
+    def aggregate_sequence(self) -> int: ...
+    @property
+    def previous_aggregate_sequence(self) -> int: ...
 
 
 def message_for_row(
@@ -184,4 +188,6 @@ def message_for_row(
         epoch=epoch,
         attempt=row.retry_count + 1 + int(redelivered),
         redelivered=redelivered,
+        aggregate_sequence=row.aggregate_sequence,
+        previous_aggregate_sequence=row.previous_aggregate_sequence,
     )

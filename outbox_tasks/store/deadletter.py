@@ -19,6 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection
 
 from outbox_tasks.store.records import Row
+from outbox_tasks.store.relay import PREVIOUS_AGGREGATE_SEQUENCE
 
 # Dead-letter statuses an operator can still act on; replay and discard resolve them.
 UNRESOLVED_STATUSES = ("parked", "skipped")
@@ -128,9 +129,11 @@ class AuditEntry:
 # --- recording --------------------------------------------------------------------------------
 
 _SELECT_EXHAUSTED = text(
-    """
+    f"""
     SELECT o.id, o.aggregate_type, o.aggregate_id, o.event_type, o.payload::text AS payload_json,
-           o.headers, o.schema_version, o.seq, o.slot, o.created_at, o.retry_count, o.last_error
+           o.headers, o.schema_version, o.seq, o.slot, o.created_at, o.retry_count,
+           o.aggregate_sequence, {PREVIOUS_AGGREGATE_SEQUENCE} AS previous_aggregate_sequence,
+           o.last_error
     FROM outbox o
     WHERE o.dead_lettered_at IS NOT NULL AND o.published_at IS NULL
       AND NOT EXISTS (SELECT 1 FROM outbox_dead_letter d WHERE d.id = o.id)

@@ -39,6 +39,11 @@ class Row:
     slot: int
     created_at: datetime
     retry_count: int
+    # 1, 2, 3 ... per aggregate (the outbox_assign_sequence trigger), and the number published
+    # before it: aggregate_sequence - 1 unless the numbers between were dropped on purpose
+    # (outbox_aggregate_skip: a discarded or skipped dead letter).
+    aggregate_sequence: int
+    previous_aggregate_sequence: int
 
 
 @dataclass(frozen=True, slots=True)

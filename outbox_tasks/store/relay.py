@@ -230,27 +230,25 @@ def has_due_rows(conn: Connection, slot_lo: int, slot_hi: int) -> bool:
     )
 
 
+# The aggregate_sequence published before the row ``o``: one less, unless the numbers just
+# below it were dropped on purpose (outbox_aggregate_skip); then one less than the lowest of
+# that unbroken run. In the run the k-th skip below ``o`` is exactly o.aggregate_sequence - k.
+PREVIOUS_AGGREGATE_SEQUENCE = """
+    COALESCE((
+        SELECT min(k.aggregate_sequence) - 1
+        FROM (
+            SELECT s.aggregate_sequence,
+                   row_number() OVER (ORDER BY s.aggregate_sequence DESC) AS below
+            FROM outbox_aggregate_skip s
+            WHERE s.aggregate_type = o.aggregate_type AND s.aggregate_id = o.aggregate_id
+              AND s.aggregate_sequence < o.aggregate_sequence
+        ) AS k
+        WHERE k.aggregate_sequence = o.aggregate_sequence - k.below
+    ), o.aggregate_sequence - 1)"""
+
 _SELECT_CANDIDATES = text(
-    """
-    WITH guard AS MATERIALIZED (
-        -- Commit-order guard, in two parts. The design's: txid older than every transaction
-        -- running in the cluster. And its database-local form: older than every transaction
-        -- with an xid in THIS database (only those can write this outbox), so a long writer in
-        -- another database on the same server does not stall the relay. age() compares xids
-        -- within the wraparound window; live transactions are always inside it.
-        SELECT pg_snapshot_xmin(pg_current_snapshot()) AS xmin,
-               COALESCE((
-                   SELECT max(a) FROM (
-                       SELECT age(backend_xid) AS a FROM pg_stat_activity
-                       WHERE datname = current_database() AND backend_xid IS NOT NULL
-                         AND pid <> pg_backend_pid()
-                       UNION ALL
-                       SELECT age(transaction) FROM pg_prepared_xacts
-                       WHERE database = current_database()
-                   ) AS running
-               ), -1) AS oldest_local_age
-    ),
-    blocked AS MATERIALIZED (
+    f"""
+    WITH blocked AS MATERIALIZED (
         -- Aggregates with a row in backoff or parked: their later rows must wait.
         SELECT aggregate_type, aggregate_id, min(seq) AS seq
         FROM outbox
@@ -261,16 +259,15 @@ _SELECT_CANDIDATES = text(
         GROUP BY aggregate_type, aggregate_id
     )
     SELECT o.id, o.aggregate_type, o.aggregate_id, o.event_type, o.payload::text AS payload_json,
-           o.headers, o.schema_version, o.seq, o.slot, o.created_at, o.retry_count
+           o.headers, o.schema_version, o.seq, o.slot, o.created_at, o.retry_count,
+           o.aggregate_sequence, {PREVIOUS_AGGREGATE_SEQUENCE} AS previous_aggregate_sequence
     FROM outbox o
     WHERE o.published_at IS NULL
       AND o.slot >= :lo AND o.slot < :hi
       AND o.dead_lettered_at IS NULL
       AND (o.next_attempt_at IS NULL OR o.next_attempt_at <= clock_timestamp())
-      -- Commit-order guard: only rows of transactions older than every running transaction
-      -- that could still add an earlier row (see the guard CTE).
-      AND (o.txid < (SELECT xmin FROM guard)
-           OR age(o.txid::xid) > (SELECT oldest_local_age FROM guard))
+      -- No commit-order guard: a committed row of an aggregate implies that every earlier row of
+      -- it is committed (the counter trigger makes writers of one aggregate commit in turn).
       -- Aggregates the caller already found blocked behind a row it cannot take.
       AND NOT EXISTS (
           SELECT 1 FROM unnest(CAST(:skip_types AS text[]), CAST(:skip_ids AS text[]))
@@ -283,7 +280,8 @@ _SELECT_CANDIDATES = text(
             AND b.seq < o.seq
       )
     -- Slot-major, then seq: one aggregate lives in one slot, so its rows come out contiguous and
-    -- in seq order, and the scan walks the partial index with no sort.
+    -- in seq order (which is aggregate_sequence order), and the scan walks the partial index
+    -- with no sort.
     ORDER BY o.slot, o.seq
     LIMIT :limit
     FOR UPDATE OF o SKIP LOCKED
@@ -326,6 +324,8 @@ def select_candidates(
             slot=r.slot,
             created_at=r.created_at,
             retry_count=r.retry_count,
+            aggregate_sequence=r.aggregate_sequence,
+            previous_aggregate_sequence=r.previous_aggregate_sequence,
         )
         for r in result
     ]
@@ -350,8 +350,8 @@ def pending_seqs(
     """Per aggregate, every pending seq up to the given one (all partitions, any state).
 
     The relay keeps only the rows of an aggregate that form an unbroken prefix of this list, so an
-    earlier row it could not take (locked by a stale holder, in backoff, not yet past the
-    commit-order guard) holds the later ones back.
+    earlier row it could not take (locked by a stale holder or a replay, in backoff) holds the
+    later ones back.
     """
     if not max_seq_by_aggregate:
         return {}

@@ -30,6 +30,7 @@ class OutboxRecord:
     seq: int
     slot: int
     created_at: datetime
+    aggregate_sequence: int
     retry_count: int = 0
     last_error: str | None = None
     first_failed_at: float | None = None
@@ -73,6 +74,9 @@ class OutboxRecord:
             slot=self.slot,
             created_at=self.created_at,
             retry_count=self.retry_count,
+            aggregate_sequence=self.aggregate_sequence,
+            # Nothing removes a pending row here (no discard), so no number is ever skipped.
+            previous_aggregate_sequence=self.aggregate_sequence - 1,
         )
 
 
@@ -125,6 +129,8 @@ class InMemoryRelayStore:
         self._rows: dict[uuid.UUID, OutboxRecord] = {}
         self._leases: dict[tuple[int, int], LeaseRecord] = {}
         self._next_seq = 1
+        # Per aggregate, the last aggregate_sequence handed out (PostgreSQL: outbox_aggregate).
+        self._counters: dict[tuple[str, str], int] = {}
 
     # --- what a test sets up and reads ----------------------------------------------------------
 
@@ -137,6 +143,8 @@ class InMemoryRelayStore:
             for message in messages:
                 if message.id in self._rows:
                     raise ValueError(f"an outbox row with id {message.id} is already stored")
+                key = (message.aggregate_type, message.aggregate_id)
+                self._counters[key] = self._counters.get(key, 0) + 1
                 self._rows[message.id] = OutboxRecord(
                     id=message.id,
                     aggregate_type=message.aggregate_type,
@@ -148,6 +156,7 @@ class InMemoryRelayStore:
                     seq=self._next_seq,
                     slot=slot_of(message.aggregate_type, message.aggregate_id),
                     created_at=created_at,
+                    aggregate_sequence=self._counters[key],
                 )
                 self._next_seq += 1
                 ids.append(message.id)

@@ -71,8 +71,14 @@ def test_messages_carry_the_design_envelope_and_headers(
         "occurred_at",
         "schema_version",
         "sequence",
+        "aggregate_sequence",
+        "previous_aggregate_sequence",
         "payload",
     }
+    assert got.body["aggregate_sequence"] == 1
+    assert got.body["previous_aggregate_sequence"] == 0
+    assert got.headers["outbox-aggregate-sequence"] == 1
+    assert got.headers["outbox-previous-aggregate-sequence"] == 0
     assert got.body["payload"] == {"amount": "9.99"}
     assert got.headers["traceparent"] == "00-abc-def-01"
     assert got.headers["outbox-event-id"] == str(message.id)
@@ -82,7 +88,7 @@ def test_messages_carry_the_design_envelope_and_headers(
     assert got.headers["outbox-epoch"] >= 1
 
 
-def test_a_row_of_an_open_transaction_is_never_overtaken_by_a_later_committed_row(
+def test_an_open_transaction_delays_only_its_own_aggregate_and_its_writers(
     settings: Settings, engine: Engine, publisher: BrokerPublisher
 ) -> None:
     relay = make_relay(settings, engine, publisher)
@@ -96,17 +102,34 @@ def test_a_row_of_an_open_transaction_is_never_overtaken_by_a_later_committed_ro
                 payload={"n": 1},
             )
             a.add(first)
-            a.flush()  # the row exists, uncommitted, with its seq and txid
-            [second] = insert_events(engine, [("Order", "X")], event_type="OrderPaid")
+            a.flush()  # the row exists, uncommitted; X's counter row is locked until A ends
+            # Another aggregate is not held back by A (it used to wait for every older xid).
             [other] = insert_events(engine, [("Order", "Y")])
-            # Rows committed after A took its xid wait for A, whatever their aggregate.
+            assert drain(relay) == 1
+            wait_for(collector, 1)
+            assert collector.unique_ids() == {str(other)}
+            # A second writer of X waits for A, so it can never be published before A's row.
+            second: list[object] = []
+            writer = threading.Thread(
+                target=lambda: second.extend(
+                    insert_events(engine, [("Order", "X")], event_type="OrderPaid")
+                ),
+                daemon=True,
+            )
+            writer.start()
+            writer.join(0.5)
+            assert writer.is_alive()
             assert drain(relay) == 0
             a.commit()
-        assert drain(relay) == 3
+        writer.join(10)
+        assert len(second) == 1
+        assert drain(relay) == 2
         wait_for(collector, 3)
-        assert str(other) in collector.unique_ids()
-        x = [m.id for m in collector.snapshot() if m.aggregate == ("Order", "X")]
-        assert x == [str(first.id), str(second)]
+        x = [m for m in collector.snapshot() if m.aggregate == ("Order", "X")]
+        assert [m.id for m in x] == [str(first.id), str(second[0])]
+        assert [m.body["aggregate_sequence"] for m in x] == [1, 2]
+        assert [m.body["previous_aggregate_sequence"] for m in x] == [0, 1]
+        assert x[0].sequence < x[1].sequence
 
 
 def test_a_rolled_back_row_is_never_published(
