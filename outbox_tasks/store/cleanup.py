@@ -126,6 +126,7 @@ class OutboxRecord(NamedTuple):
     schema_version: int
     first_failed_at: datetime | None
     dead_lettered_at: datetime | None
+    aggregate_sequence: int | None
 
 
 # Archive reads take no locks (published rows are never changed by the relay) and page by
@@ -134,7 +135,8 @@ _SELECT_ARCHIVE = text(
     f"""
     SELECT id, aggregate_type, aggregate_id, event_type, payload::text AS payload, created_at,
            published_at, retry_count, last_error, seq, txid::text AS txid, slot, next_attempt_at,
-           headers::text AS headers, schema_version, first_failed_at, dead_lettered_at
+           headers::text AS headers, schema_version, first_failed_at, dead_lettered_at,
+           aggregate_sequence
     FROM outbox
     WHERE published_at IS NOT NULL
       AND published_at >= COALESCE(CAST(:after_at AS timestamptz), {_PAST})

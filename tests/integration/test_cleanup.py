@@ -54,7 +54,9 @@ def add_rows(
     payload: Any = None,
     created_at: datetime | None = None,
 ) -> list[uuid.UUID]:
-    """One outbox row per entry (None: still pending), in one short transaction."""
+    """One outbox row per entry (None: still pending), in one short transaction. Rows are
+    written pending and then marked, as the relay would: so they are numbered like any event
+    (an INSERT of an already published row is history and keeps the number it comes with)."""
     ids = [uuid.uuid4() for _ in published_at]
     params = [
         {
@@ -71,12 +73,16 @@ def add_rows(
         conn.execute(
             text(
                 "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload, "
-                "headers, created_at, published_at) VALUES (:id, 'Order', :aggregate_id, "
-                "'OrderCreated', CAST(:payload AS jsonb), CAST(:headers AS jsonb), :created_at, "
-                ":published_at)"
+                "headers, created_at) VALUES (:id, 'Order', :aggregate_id, "
+                "'OrderCreated', CAST(:payload AS jsonb), CAST(:headers AS jsonb), :created_at)"
             ),
             params,
         )
+        published = [p for p in params if p["published_at"] is not None]
+        if published:
+            conn.execute(
+                text("UPDATE outbox SET published_at = :published_at WHERE id = :id"), published
+            )
     return ids
 
 
