@@ -59,6 +59,13 @@ EXCHANGE_HELP = f"topic exchange (env {env_var('exchange')})"
 @click.option("--max-attempts", type=int, default=5, help="attempts before the DLQ")
 @click.option("--backoff-base", type=float, default=0.5, help="first retry delay, seconds")
 @click.option("--backoff-max", type=float, default=30.0, help="retry delay cap")
+@click.option(
+    "--gap-wait",
+    type=float,
+    default=10.0,
+    help="ordered groups: seconds an event that follows a missing one waits for it before its "
+    "aggregate is parked with reason 'gap'",
+)
 @click.option("--database-url", help=DB_HELP)
 @click.option("--broker-url", help=BROKER_HELP)
 @click.option("--exchange", help=EXCHANGE_HELP)
@@ -79,6 +86,7 @@ def consume_command(
     max_attempts: int,
     backoff_base: float,
     backoff_max: float,
+    gap_wait: float,
     database_url: str | None,
     broker_url: str | None,
     exchange: str | None,
@@ -103,6 +111,7 @@ def consume_command(
         backoff_base_seconds=backoff_base,
         backoff_max_seconds=backoff_max,
         prefetch=prefetch,
+        gap_wait_seconds=gap_wait,
     )
     if metrics_port:
         from prometheus_client import start_http_server
@@ -191,7 +200,8 @@ def parked_command(group: str, partitions: int, database_url: str | None, as_jso
     for r in rows:
         print(
             f"{r.aggregate_type}/{r.aggregate_id} parked at {r.parked_at.isoformat()} "
-            f"(event {r.event_id}, dead-lettered up to sequence {r.dead_sequence}): {r.error}"
+            f"({r.reason or 'dead_lettered'}; event {r.event_id}, dead-lettered up to sequence "
+            f"{r.dead_sequence}): {r.error}"
         )
     return 0
 

@@ -23,6 +23,11 @@ class Event:
     (``outbox-redelivered``) or the broker delivered it before; it is a hint only: idempotency
     does not depend on it. ``attempt`` is this consumer's attempt at handling it (1 first, 2 after
     one failure...); ``publish_attempt`` is the relay's (``outbox-attempt``).
+
+    ``aggregate_sequence`` is the event's gapless number within its aggregate (1, 2, 3 ...) and
+    ``previous_aggregate_sequence`` the number the relay published before it (lower than
+    ``aggregate_sequence - 1`` when the events between were dropped on purpose); both None for a
+    message from a relay older than migration 0004.
     """
 
     id: uuid.UUID
@@ -36,6 +41,8 @@ class Event:
     headers: Mapping[str, Any]
     redelivered: bool = False
     attempt: int = 1
+    aggregate_sequence: int | None = None
+    previous_aggregate_sequence: int | None = None
 
     @property
     def aggregate_key(self) -> tuple[str, str]:
@@ -132,4 +139,11 @@ def parse_event(
         headers=header_map,
         redelivered=redelivered or truthy(header_map.get(H_REDELIVERED)),
         attempt=attempt,
+        aggregate_sequence=_optional_whole(data, "aggregate_sequence"),
+        previous_aggregate_sequence=_optional_whole(data, "previous_aggregate_sequence"),
     )
+
+
+def _optional_whole(data: Mapping[str, Any], name: str) -> int | None:
+    value = data.get(name)
+    return None if value is None else _whole(value, name)

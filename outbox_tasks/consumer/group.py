@@ -57,6 +57,8 @@ class ConsumerGroup:
     is delivered to each of the N queues). Retries: ``max_attempts`` attempts in all, waiting
     ``backoff_base_seconds`` doubling up to ``backoff_max_seconds`` (with jitter) between them.
     ``prefetch``: unacknowledged messages a process may hold per queue (RabbitMQ).
+    ``gap_wait_seconds`` (ordered groups): how long an event that follows a missing one of its
+    aggregate waits for it before the aggregate is parked with reason ``gap``.
     """
 
     name: str
@@ -67,6 +69,7 @@ class ConsumerGroup:
     backoff_base_seconds: float = 0.5
     backoff_max_seconds: float = 30.0
     prefetch: int = 50
+    gap_wait_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "bindings", tuple(self.bindings))
@@ -93,6 +96,7 @@ class ConsumerGroup:
         for label, value in (
             ("backoff_base_seconds", self.backoff_base_seconds),
             ("backoff_max_seconds", self.backoff_max_seconds),
+            ("gap_wait_seconds", self.gap_wait_seconds),
         ):
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise ConfigurationError(

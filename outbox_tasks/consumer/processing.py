@@ -40,10 +40,15 @@ DEAD_LETTER_HEADERS: Final = frozenset(
 # One outcome per message (the ``outcome`` label of outbox_consumer_messages_total).
 HANDLED: Final = "handled"  # the handler ran and its transaction committed
 DUPLICATE: Final = "duplicate"  # the group's receipt for this event id exists: skipped
-STALE: Final = "stale"  # ordered: sequence not above the aggregate's high-water mark: dropped
+# ordered: at or below the aggregate's high-water mark and never handled by the group: sent to
+# the dead-letter queue (a replayed one is dropped: the operator skipped it with unpark)
+STALE: Final = "stale"
 OTHER_PARTITION: Final = "other_partition"  # ordered: another partition's event: acked, no effect
 DEAD_LETTERED: Final = "dead_lettered"  # retries exhausted: sent to the dead-letter queue
 PARKED: Final = "parked"  # ordered: its aggregate is parked: sent to the dead-letter queue
+# ordered: follows a missing event of its aggregate; after gap_wait_seconds it is sent to the
+# dead-letter queue and parks the aggregate (reason "gap")
+GAP: Final = "gap"
 INVALID: Final = "invalid"  # not an outbox envelope: sent to the dead-letter queue
 REQUEUED: Final = "requeued"  # given back to the broker unhandled (shutdown, partition lost)
 OUTCOMES: Final = (
@@ -53,9 +58,12 @@ OUTCOMES: Final = (
     OTHER_PARTITION,
     DEAD_LETTERED,
     PARKED,
+    GAP,
     INVALID,
     REQUEUED,
 )
+# How often an event waiting behind a gap looks again for the missing one.
+GAP_POLL_SECONDS: Final = 0.5
 
 
 @dataclass(slots=True)
@@ -136,6 +144,7 @@ class GroupProcessor:
         replayed = truthy(delivery.headers.get(H_CONSUMER_REPLAYED))
         failures = 0
         outages = 0
+        gap_since: float | None = None
         while True:
             try:
                 verdict = self._attempt(replace(event, attempt=failures + 1), replayed, fence)
@@ -181,13 +190,36 @@ class GroupProcessor:
                     delivery.requeue()
                     return self.record_outcome(REQUEUED, event)
                 continue
+            if verdict.outcome == GAP:
+                now = time.monotonic()
+                if gap_since is None:
+                    gap_since = now
+                    self._log_gap(event, verdict.error, waiting=True)
+                remaining = gap_since + self.group.gap_wait_seconds - now
+                if remaining > 0:
+                    # Another process may still hand in the missing event (a partition changing
+                    # hands); the message stays unacknowledged meanwhile.
+                    if not self._sleep(min(GAP_POLL_SECONDS, remaining)):
+                        delivery.requeue()
+                        return self.record_outcome(REQUEUED, event)
+                    continue
+                missing = verdict.error or GAP
+                self._send_dead_letter(delivery, event, GAP, missing, 0)
+                self._park(event, cause=True, error=missing, fence=fence, reason=GAP)
+                delivery.ack()
+                self._log_gap(event, missing, waiting=False)
+                return self.record_outcome(GAP, event, error=missing)
             if verdict.outcome == PARKED:
                 self._send_dead_letter(delivery, event, PARKED, "aggregate is parked", 0)
                 self._park(event, cause=False, error=None, fence=fence)
                 delivery.ack()
                 return self.record_outcome(PARKED, event)
+            if verdict.outcome == STALE and not replayed:
+                # Never handled by this group, yet behind what it handled: not dropped, set
+                # aside for an operator (the aggregate keeps flowing).
+                self._send_dead_letter(delivery, event, STALE, verdict.error or STALE, 0)
             delivery.ack()
-            return self.record_outcome(verdict.outcome, event)
+            return self.record_outcome(verdict.outcome, event, error=verdict.error)
 
     # -- one attempt: one transaction ---------------------------------------------------------
 
@@ -202,15 +234,24 @@ class GroupProcessor:
                 position = store.lock_position(session, group.name, event)
                 if fence is not None and not fence(session):
                     raise PartitionLost(f"group {group.name}: partition lost")
-                if event.sequence <= position.last_sequence:
+                behind = _behind(event, position)
+                if behind is not None:
                     session.rollback()
-                    return _Verdict(STALE)
+                    return _Verdict(STALE, behind)
+                gap = _gap(event, position)
                 if position.parked and not (
                     replayed
-                    and (position.parked_event_id is None or position.parked_event_id == event.id)
+                    and (
+                        position.parked_event_id is None
+                        or position.parked_event_id == event.id
+                        or gap is None
+                    )
                 ):
                     session.rollback()
                     return _Verdict(PARKED)
+                if gap is not None and not position.parked:
+                    session.rollback()
+                    return _Verdict(GAP, gap)
             group.handler(event, session)
             if position is not None:
                 resumes = position.parked and (
@@ -242,11 +283,38 @@ class GroupProcessor:
         delivery.ack()
         return self.record_outcome(DEAD_LETTERED, event, error=error, attempts=attempts)
 
-    def _park(self, event: Event, *, cause: bool, error: str | None, fence: Fence | None) -> None:
+    def _park(
+        self,
+        event: Event,
+        *,
+        cause: bool,
+        error: str | None,
+        fence: Fence | None,
+        reason: str = DEAD_LETTERED,
+    ) -> None:
         with Session(self.engine) as session, session.begin():
             if fence is not None and not fence(session):
                 raise PartitionLost(f"group {self.group.name}: partition lost")
-            store.park_aggregate(session, self.group.name, event, cause=cause, error=error)
+            store.park_aggregate(
+                session, self.group.name, event, cause=cause, error=error, reason=reason
+            )
+
+    def _log_gap(self, event: Event, error: str | None, *, waiting: bool) -> None:
+        log_event(
+            log,
+            logging.WARNING if waiting else logging.ERROR,
+            "event_gap_wait" if waiting else "event_gap",
+            "an earlier event of the aggregate is missing; waiting for it"
+            if waiting
+            else "an earlier event of the aggregate never came; aggregate parked",
+            group=self.group.name,
+            event_id=str(event.id),
+            aggregate_type=event.aggregate_type,
+            aggregate_id=event.aggregate_id,
+            aggregate_sequence=event.aggregate_sequence,
+            error=error,
+            wait_seconds=self.group.gap_wait_seconds,
+        )
 
     def _send_dead_letter(
         self, delivery: Delivery, event: Event | None, reason: str, error: str, attempts: int
@@ -309,11 +377,48 @@ class GroupProcessor:
                 aggregate_id=event.aggregate_id if event is not None else None,
                 **fields,
             )
-        elif outcome in (PARKED, STALE, REQUEUED):
+        elif outcome == STALE:
+            log_event(
+                log,
+                logging.WARNING,
+                "event_stale",
+                "event behind the aggregate's high-water mark, never handled: "
+                "sent to the dead-letter queue (a replay of a skipped event: dropped)",
+                error=error,
+                **fields,
+            )
+        elif outcome in (PARKED, REQUEUED):
             log_event(log, logging.INFO, f"event_{outcome}", f"event {outcome}", **fields)
         else:
             log_event(log, logging.DEBUG, f"event_{outcome}", f"event {outcome}", **fields)
         return outcome
+
+
+def _behind(event: Event, position: store.Position) -> str | None:
+    """Why the event is at or below the aggregate's high-water mark (None: it is not)."""
+    if event.sequence <= position.last_sequence:
+        return f"sequence {event.sequence} is not above {position.last_sequence}, already handled"
+    number, last = event.aggregate_sequence, position.last_aggregate_sequence
+    if number is not None and last is not None and number <= last:
+        return f"aggregate_sequence {number} is not above {last}, already handled"
+    return None
+
+
+def _gap(event: Event, position: store.Position) -> str | None:
+    """What is missing before the event (None: nothing). A group that has not handled a numbered
+    event of the aggregate yet accepts any (a group created later, an unpark)."""
+    number, last = event.aggregate_sequence, position.last_aggregate_sequence
+    if number is None or last is None:
+        return None
+    previous = event.previous_aggregate_sequence
+    if previous is None:
+        previous = number - 1
+    if previous <= last:
+        return None
+    return (
+        f"aggregate_sequence {number} follows {previous}, but the group last handled {last}: "
+        f"{last + 1}..{previous} never arrived"
+    )
 
 
 def _plain_sleep(seconds: float) -> bool:

@@ -33,8 +33,8 @@ _INSERT_RECEIPT = text(
     "ON CONFLICT DO NOTHING RETURNING 1"
 )
 _SELECT_POSITION = text(
-    "SELECT last_sequence, parked_at IS NOT NULL AS parked, parked_event_id, dead_sequence "
-    "FROM outbox_consumer_position "
+    "SELECT last_sequence, parked_at IS NOT NULL AS parked, parked_event_id, dead_sequence, "
+    "last_aggregate_sequence, parked_reason FROM outbox_consumer_position "
     "WHERE consumer_group = :group AND aggregate_type = :type AND aggregate_id = :id "
     "FOR UPDATE"
 )
@@ -44,31 +44,41 @@ _CREATE_POSITION = text(
 )
 _ADVANCE_POSITION = text(
     "UPDATE outbox_consumer_position SET last_sequence = :sequence, updated_at = now(), "
+    "last_aggregate_sequence = CASE WHEN CAST(:aggregate_sequence AS bigint) IS NULL "
+    "THEN last_aggregate_sequence ELSE greatest(coalesce(last_aggregate_sequence, 0), "
+    "CAST(:aggregate_sequence AS bigint)) END, "
     "parked_event_id = CASE WHEN :resolve THEN NULL ELSE parked_event_id END, "
     "parked_error = CASE WHEN :resolve THEN NULL ELSE parked_error END, "
+    "parked_reason = CASE WHEN :unpark THEN NULL ELSE parked_reason END, "
     "parked_at = CASE WHEN :unpark THEN NULL ELSE parked_at END "
     "WHERE consumer_group = :group AND aggregate_type = :type AND aggregate_id = :id"
 )
 _PARK = text(
     "INSERT INTO outbox_consumer_position AS p (consumer_group, aggregate_type, aggregate_id, "
-    "last_sequence, parked_at, parked_event_id, parked_error, dead_sequence) "
-    "VALUES (:group, :type, :id, 0, now(), :event_id, :error, :sequence) "
+    "last_sequence, parked_at, parked_event_id, parked_error, dead_sequence, parked_reason) "
+    "VALUES (:group, :type, :id, 0, now(), :event_id, :error, :sequence, :reason) "
     "ON CONFLICT (consumer_group, aggregate_type, aggregate_id) DO UPDATE SET "
     "parked_at = coalesce(p.parked_at, now()), "
     "parked_event_id = CASE WHEN :cause THEN :event_id ELSE p.parked_event_id END, "
     "parked_error = CASE WHEN :cause THEN :error ELSE p.parked_error END, "
+    "parked_reason = CASE WHEN :cause THEN :reason ELSE coalesce(p.parked_reason, :reason) END, "
     "dead_sequence = greatest(coalesce(p.dead_sequence, 0), :sequence), updated_at = now()"
 )
 _PING = text("SELECT 1")
 
 
 class Position(NamedTuple):
-    """An aggregate's state in one group: the high-water mark and the parking state."""
+    """An aggregate's state in one group: the high-water marks and the parking state.
+
+    ``last_aggregate_sequence`` is None until the group handles an event that carries one (or
+    after an operator's unpark): the next event is then accepted whatever its number."""
 
     last_sequence: int
     parked: bool
     parked_event_id: uuid.UUID | None
     dead_sequence: int | None
+    last_aggregate_sequence: int | None = None
+    parked_reason: str | None = None
 
 
 def _position_key(group: str, event: Event) -> dict[str, Any]:
@@ -86,7 +96,14 @@ def select_position_for_update(session: Session, group: str, event: Event) -> Po
     row = session.execute(_SELECT_POSITION, _position_key(group, event)).first()
     if row is None:
         return None
-    return Position(int(row[0]), bool(row[1]), row[2], None if row[3] is None else int(row[3]))
+    return Position(
+        int(row[0]),
+        bool(row[1]),
+        row[2],
+        None if row[3] is None else int(row[3]),
+        None if row[4] is None else int(row[4]),
+        row[5],
+    )
 
 
 def create_position(session: Session, group: str, event: Event) -> None:
@@ -109,17 +126,27 @@ def advance_position(
 ) -> None:
     """Move the high-water mark to the event; ``resolve`` clears the parking cause, ``unpark``
     resumes the aggregate."""
-    params = {**_position_key(group, event), "sequence": event.sequence}
+    params = {
+        **_position_key(group, event),
+        "sequence": event.sequence,
+        "aggregate_sequence": event.aggregate_sequence,
+    }
     session.execute(_ADVANCE_POSITION, {**params, "resolve": resolve, "unpark": unpark})
 
 
 def park_aggregate(
-    session: Session, group: str, event: Event, *, cause: bool, error: str | None
+    session: Session,
+    group: str,
+    event: Event,
+    *,
+    cause: bool,
+    error: str | None,
+    reason: str = "dead_lettered",
 ) -> None:
     """Park the aggregate (or keep it parked) up to the event's sequence; ``cause``: this
-    event's failure is why (its id and error are recorded)."""
+    event is why (its id, error and ``reason``, ``dead_lettered`` or ``gap``, are recorded)."""
     params = {**_position_key(group, event), "event_id": event.id, "sequence": event.sequence}
-    session.execute(_PARK, {**params, "error": error, "cause": cause})
+    session.execute(_PARK, {**params, "error": error, "cause": cause, "reason": reason})
 
 
 def ping(conn: Connection) -> None:
@@ -131,12 +158,13 @@ def ping(conn: Connection) -> None:
 
 _SELECT_PARKED = text(
     "SELECT aggregate_type, aggregate_id, parked_at, parked_event_id, parked_error, "
-    "last_sequence, dead_sequence FROM outbox_consumer_position "
+    "last_sequence, dead_sequence, parked_reason FROM outbox_consumer_position "
     "WHERE consumer_group = :group AND parked_at IS NOT NULL ORDER BY parked_at"
 )
 _UNPARK = text(
     "UPDATE outbox_consumer_position SET parked_at = NULL, parked_event_id = NULL, "
-    "parked_error = NULL, updated_at = now(), "
+    "parked_error = NULL, parked_reason = NULL, last_aggregate_sequence = NULL, "
+    "updated_at = now(), "
     "last_sequence = greatest(last_sequence, coalesce(dead_sequence, 0)) "
     "WHERE consumer_group = :group AND aggregate_type = :type "
     "AND aggregate_id = :id AND parked_at IS NOT NULL RETURNING last_sequence"
@@ -145,7 +173,8 @@ _UNPARK = text(
 
 @dataclass(frozen=True, slots=True)
 class ParkedAggregate:
-    """An aggregate an ordered group has parked: why (event id, error) and up to where."""
+    """An aggregate an ordered group has parked: why (event id, error, ``reason``:
+    ``dead_lettered`` or ``gap``) and up to where."""
 
     aggregate_type: str
     aggregate_id: str
@@ -154,6 +183,7 @@ class ParkedAggregate:
     error: str | None
     last_sequence: int
     dead_sequence: int | None
+    reason: str | None = None
 
 
 def select_parked(conn: Connection, group: str) -> list[ParkedAggregate]:
@@ -166,7 +196,8 @@ def unpark_aggregate(
     conn: Connection, group: str, aggregate_type: str, aggregate_id: str
 ) -> int | None:
     """Resume a parked aggregate past its dead-lettered events; returns its new high-water mark,
-    None when it was not parked."""
+    None when it was not parked. Skipping leaves a hole in the aggregate's numbers, so its next
+    event is accepted whatever its ``aggregate_sequence`` (as a new group would)."""
     params = {"group": group, "type": aggregate_type, "id": aggregate_id}
     row = conn.execute(_UNPARK, params).first()
     return None if row is None else int(row[0])

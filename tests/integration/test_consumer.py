@@ -1,7 +1,7 @@
 # kombu is only partly annotated.
 # mypy: disable-error-code="no-untyped-call"
 """Consumer groups against real PostgreSQL and Redis/RabbitMQ, consumers run in-process on a
-thread: idempotency, retries, stale drops, dead letters, parking, replay, lag.
+thread: idempotency, retries, stale events, dead letters, parking, replay, lag.
 
 Every test has its own database, exchange and group names, and deletes its queues afterwards.
 """
@@ -218,7 +218,7 @@ def test_the_handler_sees_the_typed_envelope_and_its_headers(env: Env) -> None:
 # --- order ------------------------------------------------------------------------------------
 
 
-def test_an_out_of_order_stale_redelivery_is_dropped(env: Env) -> None:
+def test_an_event_behind_the_high_water_mark_is_never_applied_but_set_aside(env: Env) -> None:
     group = env.group(partitions=1)
     declare_topology(group, settings=env.settings)
     first = message("o-1", 10)
@@ -241,6 +241,12 @@ def test_an_out_of_order_stale_redelivery_is_dropped(env: Env) -> None:
 
         assert consumer.outcomes == {HANDLED: 2, STALE: 2}
         assert [row.sequence for row in effects(env.engine)] == [10, 20]
+        # Not dropped: the group never handled them (no receipt), so an operator gets them.
+        dead = dead_letters(env, group)
+        assert [(b["sequence"], h["outbox-consumer-reason"]) for b, h in dead] == [
+            (10, STALE),
+            (15, STALE),
+        ]
 
 
 def test_an_ordered_group_handles_only_its_partitions_events_in_each_partition_queue(

@@ -126,8 +126,11 @@ def message(
     event_type: str = "OrderPlaced",
     redelivered: bool = False,
     occurred_at: datetime | None = None,
+    aggregate_sequence: int | None = None,
+    previous_aggregate_sequence: int | None = None,
 ) -> OutboundMessage:
-    """The wire form of one event, exactly as the relay builds it."""
+    """The wire form of one event, exactly as the relay builds it (``aggregate_sequence`` None:
+    as a relay from before migration 0004 built it)."""
     return build_message(
         event_id=event_id or uuid.uuid4(),
         aggregate_type=aggregate_type,
@@ -142,6 +145,8 @@ def message(
         epoch=1,
         attempt=1,
         redelivered=redelivered,
+        aggregate_sequence=aggregate_sequence,
+        previous_aggregate_sequence=previous_aggregate_sequence,
     )
 
 
