@@ -11,12 +11,9 @@ language, gets from the ``outbox_assign_sequence`` and ``outbox_record_skip`` tr
 from __future__ import annotations
 
 import contextlib
-import os
-import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -381,38 +378,6 @@ def test_removing_a_pending_row_that_is_not_a_dead_letter_records_no_skip(url: s
 # --- another cluster ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def second_cluster() -> Iterator[str]:
-    try:
-        with pgcluster.throwaway_cluster() as admin_url:
-            yield admin_url
-    except pgcluster.ClusterUnavailable as error:
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(str(error))
-        pytest.skip(str(error))
-
-
-def _dump_restore(source_url: str, admin_url: str, tmp_path: Path) -> str:
-    binaries = pgcluster.bin_dir(pgcluster.server_major())
-    dump = tmp_path / "outbox.dump"
-    subprocess.run(
-        [str(binaries / "pg_dump"), "-Fc", "-f", str(dump), source_url],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    with psycopg.connect(admin_url, autocommit=True) as admin:
-        admin.execute("CREATE DATABASE restored")
-    target = admin_url.rsplit("/", 1)[0] + "/restored"
-    subprocess.run(
-        [str(binaries / "pg_restore"), "--no-owner", "-d", target, str(dump)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return target
-
-
 def test_a_database_restored_into_another_cluster_keeps_its_numbers_and_counts_on(
     url: str, second_cluster: str, tmp_path: Path
 ) -> None:
@@ -421,7 +386,7 @@ def test_a_database_restored_into_another_cluster_keeps_its_numbers_and_counts_o
             _insert(conn, aggregate, event)
     before = _rows(url)
 
-    restored = _dump_restore(url, second_cluster, tmp_path)
+    restored = pgcluster.dump_and_restore(url, second_cluster, tmp_path)
     with psycopg.connect(restored) as conn:
         row = conn.execute(
             "SELECT max(txid)::text, pg_current_xact_id()::text FROM outbox"

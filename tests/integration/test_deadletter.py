@@ -135,7 +135,13 @@ def test_discard_needs_a_reason_unparks_the_aggregate_and_is_audited(
         deadletter.discard(engine, Filters(ids=(poison,)), actor="ops", reason="bad data")
         assert drain(make_relay(settings, engine, publisher)) == 2
         wait_for(events, 2)
-        assert [m.id for m in events.snapshot()] == [str(i) for i in behind]
+        got = events.snapshot()
+        assert [m.id for m in got] == [str(i) for i in behind]
+        # The discarded event's number is a gap left on purpose: the next message says that
+        # nothing was published before it, so a consumer does not wait for number 1.
+        assert [m.body["aggregate_sequence"] for m in got] == [2, 3]
+        assert [m.body["previous_aggregate_sequence"] for m in got] == [0, 2]
+        assert got[0].headers["outbox-previous-aggregate-sequence"] == 0
     view = deadletter.show(engine, poison)
     assert (view.status, view.resolved_by, view.resolution_reason) == (
         "discarded",
@@ -161,6 +167,14 @@ def test_a_skip_policy_event_type_does_not_hold_its_aggregate(
         assert drain(make_relay(settings, engine, publisher)) == 1
         wait_for(events, 1)
         assert events.unique_ids() == {str(later)}
+        [message] = events.snapshot()
+        assert (
+            message.body["aggregate_sequence"],
+            message.body["previous_aggregate_sequence"],
+        ) == (
+            2,
+            0,
+        )
     assert deadletter.show(engine, viewed).status == "skipped"
 
 

@@ -125,3 +125,26 @@ def throwaway_cluster() -> Iterator[str]:
                     **options,
                 )
         shutil.rmtree(root, ignore_errors=True)
+
+
+def dump_and_restore(source_url: str, admin_url: str, workdir: Path, name: str = "restored") -> str:
+    """``pg_dump -Fc`` a database and ``pg_restore`` it into a new database ``name`` of the
+    cluster of ``admin_url``; returns the new database's URL."""
+    binaries = bin_dir(server_major())
+    dump = workdir / f"{name}.dump"
+    subprocess.run(
+        [str(binaries / "pg_dump"), "-Fc", "-f", str(dump), source_url],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')  # type: ignore[arg-type]
+    target = admin_url.rsplit("/", 1)[0] + f"/{name}"
+    subprocess.run(
+        [str(binaries / "pg_restore"), "--no-owner", "-d", target, str(dump)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return target
