@@ -180,6 +180,27 @@ class Collector:
             last[m.aggregate] = max(previous, m.sequence)
         return problems
 
+    def aggregate_sequence_problems(self) -> list[str]:
+        """Per aggregate, first arrivals must number 1, 2, 3 ... (``aggregate_sequence``): no
+        gap, no repeat, each saying the one before it was published before it."""
+        seen: set[str] = set()
+        last: dict[tuple[str, str], int] = {}
+        problems = []
+        for m in self.snapshot():
+            if m.id in seen:
+                continue
+            seen.add(m.id)
+            number = m.body.get("aggregate_sequence")
+            previous = m.body.get("previous_aggregate_sequence")
+            expected = last.get(m.aggregate, 0) + 1
+            if number != expected or previous != expected - 1:
+                problems.append(
+                    f"{m.aggregate}: aggregate_sequence {number} (previous {previous}) arrived "
+                    f"where {expected} was due"
+                )
+            last[m.aggregate] = number if isinstance(number, int) else expected
+        return problems
+
     def duplicates(self) -> int:
         snapshot = self.snapshot()
         return len(snapshot) - len({m.id for m in snapshot})

@@ -179,6 +179,7 @@ class Verdict:
     phantoms: set[str]
     unknown: set[str]
     order_violations: list[str]
+    aggregate_sequence_problems: list[str]
     duplicates: int
     duplicates_marked: int
     unmarked_duplicates: list[str]
@@ -188,6 +189,7 @@ class Verdict:
         return (
             f"received {self.received}, lost {len(self.lost)}, phantoms {len(self.phantoms)}, "
             f"unknown {len(self.unknown)}, order violations {len(self.order_violations)}, "
+            f"aggregate_sequence problems {len(self.aggregate_sequence_problems)}, "
             f"duplicates {self.duplicates} ({self.duplicates_marked} marked "
             f"{H_REDELIVERED}: True), first copies marked redelivered {self.first_copies_marked}"
         )
@@ -219,6 +221,7 @@ def judge(
         phantoms=seen & rolled_back,
         unknown=seen - committed - rolled_back,
         order_violations=collector.order_violations(),
+        aggregate_sequence_problems=collector.aggregate_sequence_problems(),
         duplicates=duplicates,
         duplicates_marked=marked,
         unmarked_duplicates=unmarked,
