@@ -17,6 +17,10 @@ per-round ratios (after / before), so the machine's load moves both sides alike:
 Each workload runs with ``synchronous_commit`` on (the default: every commit waits for its WAL
 flush) and off (what is left is the statements' own cost, where the trigger shows most).
 
+Besides events/s, every run reads the CPU its PostgreSQL backends used (``/proc``; the server
+runs on this machine) per event: it hardly moves with the machine's load, so its ratio is the
+steadier measure of what the trigger costs.
+
 Then the storage: ``--size-aggregates`` distinct aggregates written once each, the counter table
 (heap + primary key) per aggregate, and what the new column and unique index add to the outbox.
 Markdown on stdout, JSON in ``bench/results/producer.json``.
@@ -111,36 +115,51 @@ def reset(url: str) -> None:
 # --- workloads: each returns (events, seconds, extra stats) -------------------------------------
 
 
-def distinct_sql(url: str, seconds: float) -> tuple[int, float, dict[str, Any]]:
-    prefix = uuid.uuid4().hex[:8]
+def backend_pid(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT pg_backend_pid()").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def cpu_per_event(cpu_seconds: float, events: int) -> dict[str, Any]:
+    """The PostgreSQL backends' CPU per event, in microseconds: unlike events/s it hardly moves
+    with what else the machine runs."""
+    return {"backend_cpu_us_per_event": round(cpu_seconds / max(events, 1) * 1e6, 1)}
+
+
+def one_writer(
+    url: str, seconds: float, aggregate: Callable[[int], str]
+) -> tuple[int, float, dict[str, Any]]:
     with psycopg.connect(url) as conn:
+        pid = backend_pid(conn)
+        conn.commit()
+        cpu = common.proc_cpu_seconds(pid)
         n = 0
         started = time.perf_counter()
         deadline = started + seconds
         while time.perf_counter() < deadline:
-            conn.execute(INSERT, (f"{prefix}-{n}", PAYLOAD))
+            conn.execute(INSERT, (aggregate(n), PAYLOAD))
             conn.commit()
             n += 1
-        return n, time.perf_counter() - started, {}
+        elapsed = time.perf_counter() - started
+        return n, elapsed, cpu_per_event(common.proc_cpu_seconds(pid) - cpu, n)
+
+
+def distinct_sql(url: str, seconds: float) -> tuple[int, float, dict[str, Any]]:
+    prefix = uuid.uuid4().hex[:8]
+    return one_writer(url, seconds, lambda n: f"{prefix}-{n}")
 
 
 def same_aggregate_sql(url: str, seconds: float) -> tuple[int, float, dict[str, Any]]:
     aggregate = f"one-{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(url) as conn:
-        n = 0
-        started = time.perf_counter()
-        deadline = started + seconds
-        while time.perf_counter() < deadline:
-            conn.execute(INSERT, (aggregate, PAYLOAD))
-            conn.commit()
-            n += 1
-        return n, time.perf_counter() - started, {}
+    return one_writer(url, seconds, lambda n: aggregate)
 
 
 @dataclass
 class _WriterStats:
     inserts: list[float] = field(default_factory=list)
     transactions: list[float] = field(default_factory=list)
+    cpu_seconds: float = 0.0
     error: BaseException | None = None
 
 
@@ -155,6 +174,9 @@ def hot_aggregate(
     def write(mine: _WriterStats) -> None:
         try:
             with psycopg.connect(url) as conn:
+                pid = backend_pid(conn)
+                conn.commit()
+                cpu = common.proc_cpu_seconds(pid)
                 start.wait()
                 deadline = deadline_box[0]
                 while time.perf_counter() < deadline:
@@ -166,6 +188,7 @@ def hot_aggregate(
                     conn.commit()
                     mine.inserts.append(t1 - t0)
                     mine.transactions.append(time.perf_counter() - t0)
+                mine.cpu_seconds = common.proc_cpu_seconds(pid) - cpu
         except BaseException as error:  # reported below
             mine.error = error
 
@@ -188,6 +211,7 @@ def hot_aggregate(
         "insert_ms_p99": _ms(common.percentile(inserts, 99)),
         "transaction_ms_p50": _ms(common.percentile(transactions, 50)),
         "transaction_ms_p99": _ms(common.percentile(transactions, 99)),
+        **cpu_per_event(sum(s.cpu_seconds for s in stats), len(inserts)),
     }
     return len(inserts), elapsed, extra
 
@@ -272,12 +296,22 @@ def alternate(
         values = [run[key] for run in mine if run["side"] == side and run.get(key) is not None]
         return common.median(values)
 
+    cpu_ratios = []
+    for r in range(rounds):
+        pair = {
+            run["side"]: run.get("backend_cpu_us_per_event") for run in mine if run["round"] == r
+        }
+        if pair.get("before") and pair.get("after"):
+            cpu_ratios.append(pair["after"] / pair["before"])
     summary: dict[str, Any] = {
         "workload": name,
         "before_per_second": median_of("before", "events_per_second"),
         "after_per_second": median_of("after", "events_per_second"),
         "ratio_median": common.median(ratios),
         "ratios": [round(x, 3) for x in ratios],
+        "before_backend_cpu_us": median_of("before", "backend_cpu_us_per_event"),
+        "after_backend_cpu_us": median_of("after", "backend_cpu_us_per_event"),
+        "backend_cpu_ratio_median": common.median(cpu_ratios),
     }
     for key in ("insert_ms_p50", "insert_ms_p99", "transaction_ms_p50", "transaction_ms_p99"):
         if any(key in run for run in mine):
@@ -355,12 +389,24 @@ def main(argv: list[str]) -> int:
                 common.fmt(s["before_per_second"]),
                 common.fmt(s["after_per_second"]),
                 common.fmt(s["ratio_median"], 3),
+                f"{common.fmt(s['before_backend_cpu_us'])} -> "
+                f"{common.fmt(s['after_backend_cpu_us'])}",
+                common.fmt(s["backend_cpu_ratio_median"], 3),
                 waits,
             ]
         )
     print(
         common.md_table(
-            ["workload", "before /s", "after /s", "after/before (median)", "waits"], rows
+            [
+                "workload",
+                "before /s",
+                "after /s",
+                "after/before",
+                "backend CPU us/event",
+                "CPU after/before",
+                "waits",
+            ],
+            rows,
         )
     )
     print()
