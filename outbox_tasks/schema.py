@@ -14,6 +14,7 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Computed,
     DateTime,
@@ -297,6 +298,9 @@ class OutboxAggregate(Base):
     aggregate_type: Mapped[str] = mapped_column(Text)
     aggregate_id: Mapped[str] = mapped_column(Text)
     last_sequence: Mapped[int] = mapped_column(BigInteger)
+    # True when the last increment came from the transaction that made the one before (a bulk
+    # insert of the aggregate): the trigger then remembers where the row is for the next one.
+    repeat_in_transaction: Mapped[bool] = mapped_column(Boolean, server_default=text("false"))
 
     __table_args__ = (PrimaryKeyConstraint("aggregate_type", "aggregate_id"),)
 

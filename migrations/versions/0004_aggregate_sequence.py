@@ -55,6 +55,8 @@ DECLARE
     aggregate text := NEW.aggregate_type || chr(31) || NEW.aggregate_id;
     cached text := current_setting('outbox.sequence_counter', true);
     version tid;
+    repeated boolean;
+    ignored text;
 BEGIN
     IF NEW.published_at IS NOT NULL THEN
         -- Published history put back (an archive restore): never sent again, so it keeps the
@@ -68,15 +70,16 @@ BEGIN
         END IF;
         RETURN NEW;
     END IF;
-    -- A bulk insert of one aggregate: its counter row is already locked by this transaction,
-    -- and its newest version is where the previous row left it. Update that version by ctid:
-    -- through the primary key, every version this transaction made would be visited again,
-    -- and N rows would cost N^2.
+    -- A bulk insert of one aggregate: its counter row is locked by this transaction already and
+    -- its newest version is where the previous row left it. Update that version by ctid:
+    -- through the primary key every version this transaction made would be visited again, and
+    -- N rows would cost N^2.
     IF cached <> '' AND substr(cached, strpos(cached, ' ') + 1) = aggregate THEN
         UPDATE outbox_aggregate SET last_sequence = last_sequence + 1
         WHERE ctid = split_part(cached, ' ', 1)::tid
           AND aggregate_type = NEW.aggregate_type AND aggregate_id = NEW.aggregate_id
         RETURNING last_sequence, ctid INTO NEW.aggregate_sequence, version;
+        repeated := version IS NOT NULL;
     END IF;
     IF version IS NULL THEN
         -- Locks the aggregate's counter row until this transaction ends: a concurrent writer
@@ -84,11 +87,17 @@ BEGIN
         INSERT INTO outbox_aggregate AS a (aggregate_type, aggregate_id, last_sequence)
         VALUES (NEW.aggregate_type, NEW.aggregate_id, 1)
         ON CONFLICT (aggregate_type, aggregate_id)
-        DO UPDATE SET last_sequence = a.last_sequence + 1
-        RETURNING a.last_sequence, a.ctid INTO NEW.aggregate_sequence, version;
+        DO UPDATE SET last_sequence = a.last_sequence + 1,
+                      repeat_in_transaction = (a.xmin = pg_current_xact_id()::xid)
+        RETURNING a.last_sequence, a.ctid, a.repeat_in_transaction
+        INTO NEW.aggregate_sequence, version, repeated;
     END IF;
-    -- Transaction-local (reverted with a rolled-back savepoint, like the update it describes).
-    PERFORM set_config('outbox.sequence_counter', version::text || ' ' || aggregate, true);
+    -- Remember where the counter row is only once the aggregate repeats in this transaction:
+    -- a one-event transaction pays nothing for it. Transaction-local (reverted with a
+    -- rolled-back savepoint, like the update it describes).
+    IF repeated THEN
+        ignored := set_config('outbox.sequence_counter', version::text || ' ' || aggregate, true);
+    END IF;
     -- seq was drawn before the wait: draw it again so it grows in commit order per aggregate.
     NEW.seq := nextval('outbox_seq_seq'::regclass);
     RETURN NEW;
@@ -131,6 +140,12 @@ def upgrade() -> None:
         sa.Column("aggregate_type", sa.Text(), nullable=False),
         sa.Column("aggregate_id", sa.Text(), nullable=False),
         sa.Column("last_sequence", sa.BigInteger(), nullable=False),
+        sa.Column(
+            "repeat_in_transaction",
+            sa.Boolean(),
+            server_default=sa.text("false"),
+            nullable=False,
+        ),
         sa.PrimaryKeyConstraint("aggregate_type", "aggregate_id", name=op.f("pk_outbox_aggregate")),
     )
     settings = ", ".join(f"{k} = {v}" for k, v in COUNTER_STORAGE.items())
