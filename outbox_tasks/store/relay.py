@@ -232,9 +232,15 @@ def has_due_rows(conn: Connection, slot_lo: int, slot_hi: int) -> bool:
 
 # The aggregate_sequence published before the row ``o``: one less, unless the numbers just
 # below it were dropped on purpose (outbox_aggregate_skip); then one less than the lowest of
-# that unbroken run. In the run the k-th skip below ``o`` is exactly o.aggregate_sequence - k.
+# that unbroken run (in the run the k-th skip below ``o`` is exactly o.aggregate_sequence - k).
+# The usual case costs one probe of an (empty) primary key.
 PREVIOUS_AGGREGATE_SEQUENCE = """
-    COALESCE((
+    CASE WHEN NOT EXISTS (
+        SELECT 1 FROM outbox_aggregate_skip s
+        WHERE s.aggregate_type = o.aggregate_type AND s.aggregate_id = o.aggregate_id
+          AND s.aggregate_sequence = o.aggregate_sequence - 1
+    ) THEN o.aggregate_sequence - 1
+    ELSE (
         SELECT min(k.aggregate_sequence) - 1
         FROM (
             SELECT s.aggregate_sequence,
@@ -244,7 +250,7 @@ PREVIOUS_AGGREGATE_SEQUENCE = """
               AND s.aggregate_sequence < o.aggregate_sequence
         ) AS k
         WHERE k.aggregate_sequence = o.aggregate_sequence - k.below
-    ), o.aggregate_sequence - 1)"""
+    ) END"""
 
 _SELECT_CANDIDATES = text(
     f"""

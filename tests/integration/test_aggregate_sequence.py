@@ -403,3 +403,23 @@ def test_a_database_restored_into_another_cluster_keeps_its_numbers_and_counts_o
     assert number == 4
     assert seq > max(r[3] for r in before)
     assert _counters(restored) == {"1": 4, "2": 1}
+
+
+def test_the_previous_number_skips_a_whole_run_of_removed_dead_letters(url: str) -> None:
+    """Numbers 2, 3 and 6 removed as dead letters: 4 follows 1, 5 follows 4, 7 follows 5."""
+    from outbox_tasks.store.relay import PREVIOUS_AGGREGATE_SEQUENCE
+
+    with psycopg.connect(url) as conn:
+        for n in range(1, 8):
+            _insert(conn, "1", f"E{n}")
+        conn.execute(
+            "UPDATE outbox SET dead_lettered_at = now() WHERE aggregate_sequence IN (2, 3, 6)"
+        )
+        conn.execute("DELETE FROM outbox WHERE dead_lettered_at IS NOT NULL")
+        conn.commit()
+        rows = conn.execute(
+            f"SELECT o.aggregate_sequence, {PREVIOUS_AGGREGATE_SEQUENCE} FROM outbox o "
+            "ORDER BY o.aggregate_sequence"
+        ).fetchall()
+
+    assert rows == [(1, 0), (4, 1), (5, 4), (7, 5)]
