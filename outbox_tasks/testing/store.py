@@ -176,6 +176,8 @@ class InMemoryRelayStore:
         over 255 bytes, headers that are not a dict...). Returns its id."""
         with self._lock:
             row_id = event_id or uuid.uuid4()
+            key = (aggregate_type, aggregate_id)
+            self._counters[key] = self._counters.get(key, 0) + 1
             self._rows[row_id] = OutboxRecord(
                 id=row_id,
                 aggregate_type=aggregate_type,
@@ -187,6 +189,7 @@ class InMemoryRelayStore:
                 seq=self._next_seq,
                 slot=slot_of(aggregate_type, aggregate_id),
                 created_at=self._timestamp(),
+                aggregate_sequence=self._counters[key],
             )
             self._next_seq += 1
             return row_id
