@@ -26,6 +26,8 @@ def _row(**changes: Any) -> ExhaustedRow:
         "slot": 3,
         "created_at": datetime(2024, 1, 1, tzinfo=UTC),
         "retry_count": 5,
+        "aggregate_sequence": 2,
+        "previous_aggregate_sequence": 1,
         "last_error": "invalid_message: routing key ...",
     }
     fields.update(changes)
