@@ -14,4 +14,11 @@ echo "== mypy (strict)"
 echo "== import-linter (layers, no cycles; contracts in pyproject.toml)"
 "$VENV/bin/lint-imports"
 echo "== pytest"
-exec "$VENV/bin/pytest" "$@"
+# Most tests wait on real services and worker processes, not on the CPU: three pytest workers
+# (each its own template database and Redis db) keep a 2-core machine busy. Whole files go to one
+# worker, so a file's fixtures are built once. OUTBOX_TEST_WORKERS=0 runs in one process.
+WORKERS=${OUTBOX_TEST_WORKERS:-3}
+if [ "$WORKERS" = 0 ]; then
+  exec "$VENV/bin/pytest" "$@"
+fi
+exec "$VENV/bin/pytest" -n "$WORKERS" --dist loadfile "$@"
