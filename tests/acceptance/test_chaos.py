@@ -84,7 +84,7 @@ def test_killing_workers_at_random_while_a_producer_writes_loses_nothing_and_kee
             chaos_thread = threading.Thread(target=chaos, name="chaos", daemon=True)
             chaos_thread.start()
             try:
-                producer.wait_done(timeout=60)
+                producer.wait_done(timeout=150)
             finally:
                 stop_killing.set()
                 chaos_thread.join(15)
