@@ -2,6 +2,13 @@
 
 One SMEMBERS of the binding table, then every LPUSH of the batch in one pipeline; the wire
 format is kombu's, byte for byte, so kombu consumers cannot tell the difference.
+
+kombu's Redis transport emulates direct, topic and fanout exchanges only (no headers exchange,
+no ``BCC``): a message is matched against the bindings with its routing key alone. Ordered
+consumer groups bind their partition queues to slot ranges with patterns over the slot routing
+key (``outbox.envelope.slot_routing_key``), so this link also matches each message's slot key
+against those bindings, as RabbitMQ does with the ``BCC`` header: each event reaches one queue
+of each ordered group.
 """
 
 from __future__ import annotations
@@ -14,7 +21,7 @@ from kombu.entity import Exchange
 from kombu.utils.json import dumps
 
 from outbox_tasks.broker import PERSISTENT
-from outbox_tasks.envelope import CONTENT_ENCODING, CONTENT_TYPE, OutboundMessage
+from outbox_tasks.envelope import CONTENT_ENCODING, CONTENT_TYPE, SLOT_ROUTE, OutboundMessage
 from outbox_tasks.publisher.results import BatchResult, encoding_failure
 
 __all__ = ["RedisLink"]
@@ -56,9 +63,16 @@ class RedisLink:
         router = channel.typeof(exchange)
         deadletter = channel.deadletter_queue
         # The one read of the binding table for the whole batch (kombu does it per message).
+        # Slot bindings (ordered groups) are matched with the slot key, the others with the
+        # routing key; a batch without slot bindings pays nothing for them.
         table = channel.get_table(exchange)
+        slot_prefix = f"{SLOT_ROUTE}."
+        slotted = [entry for entry in table if entry[0].startswith(slot_prefix)]
+        plain = (
+            [entry for entry in table if not entry[0].startswith(slot_prefix)] if slotted else table
+        )
         # Every message is sent with the default priority, so its list keys depend on the
-        # routing key only: computed once per routing key per batch.
+        # routing key (and slot key) only: computed once per key per batch.
         priority = channel.default_priority
         routes: dict[str, list[str]] = {}
         # kombu draws a uuid4 per message for the delivery tag; one per batch plus the index
@@ -75,15 +89,19 @@ class RedisLink:
             if message.aggregate_key in dead:
                 skipped.append(message.event_id)
                 continue
-            keys = routes.get(message.routing_key)
+            by_slot = bool(slotted and message.slot_key)
+            route = message.slot_key if by_slot else message.routing_key
+            keys = routes.get(route)
             if keys is None:
-                matched = router.lookup(table, exchange, message.routing_key, None)
+                matched = router.lookup(plain, exchange, message.routing_key, None)
+                if by_slot:
+                    matched = matched | router.lookup(slotted, exchange, route, None)
                 # Unlike kombu, never fall back to the ``ae.undeliver`` queue: nobody reads it.
                 keys = [
                     channel._q_for_pri(q, priority)
                     for q in sorted(q for q in matched if q and q != deadletter)
                 ]
-                routes[message.routing_key] = keys
+                routes[route] = keys
             try:
                 payload = _kombu_payload(
                     channel, exchange, message, f"{tag_prefix}.{index}", priority

@@ -7,13 +7,18 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
 from outbox_tasks.envelope import (
     CONTENT_TYPE,
     RESERVED_HEADERS,
     OutboundMessage,
     build_message,
     routing_key,
+    slot_binding_pattern,
+    slot_routing_key,
 )
+from outbox_tasks.partitioning import SLOT_COUNT, aligned_blocks, slot_of, slot_range
 
 EVENT_ID = uuid.UUID("0b7e8c3c-6f41-4a57-9a53-3a4d2c1e9f00")
 OCCURRED_AT = datetime(2024, 5, 17, 12, 30, 45, 123456, tzinfo=UTC)
@@ -42,6 +47,7 @@ OUTBOX_HEADERS = {
     "outbox-attempt",
     "outbox-redelivered",
 }
+ROUTING_HEADERS = {"BCC"}  # RabbitMQ's extra routing keys, removed before delivery
 
 
 def _build(**changes: Any) -> OutboundMessage:
@@ -121,7 +127,7 @@ def test_the_headers_have_all_eleven_outbox_headers() -> None:
     headers = _build().headers
 
     assert {name for name in headers if name.startswith("outbox-")} == OUTBOX_HEADERS
-    assert RESERVED_HEADERS == OUTBOX_HEADERS
+    assert OUTBOX_HEADERS | ROUTING_HEADERS | {"CC"} == RESERVED_HEADERS
     assert headers["outbox-event-id"] == str(EVENT_ID)
     assert headers["outbox-aggregate-type"] == "Order"
     assert headers["outbox-aggregate-id"] == "42"
@@ -187,23 +193,26 @@ def test_user_headers_travel_with_the_message() -> None:
 
     assert headers["traceparent"] == "00-abc-def-01"
     assert headers["tenant"] == "acme"
-    assert len(headers) == len(OUTBOX_HEADERS) + 2
+    assert len(headers) == len(OUTBOX_HEADERS) + len(ROUTING_HEADERS) + 2
 
 
-def test_a_user_header_cannot_shadow_an_outbox_header() -> None:
-    forged = {name: "forged" for name in OUTBOX_HEADERS}
+def test_a_user_header_cannot_shadow_an_outbox_header_or_add_routes() -> None:
+    forged: dict[str, Any] = {name: "forged" for name in OUTBOX_HEADERS}
+    forged.update(CC=["Secret.Stuff"], BCC=["Secret.Stuff"])
 
     headers = _build(user_headers={**forged, "tenant": "acme"}).headers
 
     assert "forged" not in headers.values()
+    assert "CC" not in headers
+    assert headers["BCC"] == [slot_routing_key(slot_of("Order", "42"), "Order.OrderCreated")]
     assert headers["outbox-epoch"] == 17
     assert headers["outbox-event-id"] == str(EVENT_ID)
     assert headers["tenant"] == "acme"
 
 
-def test_no_user_headers_gives_only_the_outbox_headers() -> None:
-    assert set(_build(user_headers=None).headers) == OUTBOX_HEADERS
-    assert set(_build(user_headers={}).headers) == OUTBOX_HEADERS
+def test_no_user_headers_gives_only_the_outbox_headers_and_the_slot_route() -> None:
+    assert set(_build(user_headers=None).headers) == OUTBOX_HEADERS | ROUTING_HEADERS
+    assert set(_build(user_headers={}).headers) == OUTBOX_HEADERS | ROUTING_HEADERS
 
 
 def test_the_routing_key_is_aggregate_type_dot_event_type() -> None:
@@ -220,3 +229,46 @@ def test_the_message_exposes_its_identity_and_ordering_key() -> None:
     assert message.sequence == 1234
     assert message.aggregate_key == ("Order", "42")
     assert CONTENT_TYPE == "application/json"
+
+
+def test_the_slot_routing_key_spells_the_slot_in_ten_bits_before_the_routing_key() -> None:
+    message = _build(slot=5)
+
+    assert message.slot_key == "outbox-slot.0.0.0.0.0.0.0.1.0.1.Order.OrderCreated"
+    assert message.headers["BCC"] == [message.slot_key]
+    assert slot_routing_key(1023, "A.B") == "outbox-slot." + ".".join("1" * 10) + ".A.B"
+
+
+def test_without_a_slot_the_message_is_routed_by_its_aggregates_slot() -> None:
+    message = _build(aggregate_type="Invoice", aggregate_id="7")
+
+    assert message.slot_key == slot_routing_key(slot_of("Invoice", "7"), "Invoice.OrderCreated")
+
+
+def _topic_match(pattern: str, key: str) -> bool:
+    """AMQP topic matching for patterns made of words and ``*`` (no ``#``)."""
+    words, parts = pattern.split("."), key.split(".")
+    return len(words) == len(parts) and all(
+        w in ("*", p) for w, p in zip(words, parts, strict=True)
+    )
+
+
+@pytest.mark.parametrize("partitions", [1, 2, 3, 7, 8, 100, 1024])
+def test_slot_binding_patterns_of_a_partition_match_exactly_its_slots(partitions: int) -> None:
+    for partition in range(partitions):
+        lo, hi = slot_range(partition, partitions)
+        patterns = [slot_binding_pattern(s, b, "Order.*") for s, b in aligned_blocks(lo, hi)]
+        matched = {
+            slot
+            for slot in range(SLOT_COUNT)
+            if any(_topic_match(p, slot_routing_key(slot, "Order.Placed")) for p in patterns)
+        }
+
+        assert matched == set(range(lo, hi))
+        assert len(patterns) <= 18
+
+
+def test_a_slot_binding_pattern_needs_an_aligned_block() -> None:
+    with pytest.raises(ValueError):
+        slot_binding_pattern(3, 2, "#")
+    assert slot_binding_pattern(0, 10, "#") == "outbox-slot." + ".".join("*" * 10) + ".#"
