@@ -23,7 +23,13 @@ from outbox_tasks.consumer.brokers import BrokerWriter, kombu_queues, prepare_pa
 from outbox_tasks.consumer.events import Event
 from outbox_tasks.consumer.group import ConsumerGroup
 from outbox_tasks.consumer.keeper import Keeper, check_bounds
-from outbox_tasks.consumer.locks import INSTANCE_BASE, INSTANCE_SPAN, Locks, shut_down
+from outbox_tasks.consumer.locks import (
+    INSTANCE_BASE,
+    INSTANCE_SPAN,
+    Locks,
+    group_lock_key,
+    shut_down,
+)
 from outbox_tasks.consumer.metrics import ConsumerMetrics, default_metrics
 from outbox_tasks.consumer.processing import (
     REQUEUED,
@@ -268,6 +274,7 @@ class Consumer:
                     group=group.name,
                     queues=list(group.queues),
                     partitions_held=sorted(self._held),
+                    lock_key=group_lock_key(group.name),
                     pid=os.getpid(),
                 )
             if not self._may_read():
