@@ -312,7 +312,10 @@ class Consumer:
 
     def _on_checkin(self, dbapi: Any, record: Any) -> None:
         with self._checked_out_lock:
-            self._checked_out.discard(dbapi)
+            if dbapi is None:  # an invalidated connection: forget the closed ones
+                self._checked_out = {c for c in self._checked_out if not c.closed}
+            else:
+                self._checked_out.discard(dbapi)
 
     def _pause(self, seconds: float) -> bool:
         """Wait between attempts; False (stop retrying) when stopping or no longer the owner."""
