@@ -13,6 +13,9 @@ group's takeover time; defaults 1 s, 2 s, 8 s):
   and handling and shuts down its broker and database connections (RabbitMQ requeues what it
   held at once, so the next holder receives it);
 * so a partition whose holder went silent is handled again within about ``T + 2`` seconds.
+
+:class:`ConnectionsInUse` tracks the handling connections a process has checked out, so that
+giving up also ends the database calls its main thread may be waiting in.
 """
 
 from __future__ import annotations
@@ -21,8 +24,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
-from outbox_tasks.consumer.locks import Locks
+from sqlalchemy import event as sa_event
+from sqlalchemy.engine import Engine
+
+from outbox_tasks.consumer.locks import Locks, shut_down
 from outbox_tasks.errors import ConfigurationError, describe_error
 from outbox_tasks.logs import event as log_event
 from outbox_tasks.logs import get_logger
@@ -122,3 +129,37 @@ class Keeper:
                 group=self.group,
                 error=describe_error(error),
             )
+
+
+class ConnectionsInUse:
+    """The database connections an engine has checked out now, so that giving up can make the
+    calls waiting on them fail at once (:meth:`shut_down_all`, any thread)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._connections: set[Any] = set()
+
+    def watch(self, engine: Engine) -> None:
+        sa_event.listen(engine, "checkout", self._on_checkout)
+        sa_event.listen(engine, "checkin", self._on_checkin)
+
+    def unwatch(self, engine: Engine) -> None:
+        sa_event.remove(engine, "checkout", self._on_checkout)
+        sa_event.remove(engine, "checkin", self._on_checkin)
+
+    def shut_down_all(self) -> None:
+        with self._lock:
+            connections = list(self._connections)
+        for dbapi in connections:
+            shut_down(dbapi)
+
+    def _on_checkout(self, dbapi: Any, record: Any, proxy: Any) -> None:
+        with self._lock:
+            self._connections.add(dbapi)
+
+    def _on_checkin(self, dbapi: Any, record: Any) -> None:
+        with self._lock:
+            if dbapi is None:  # an invalidated connection: forget the closed ones
+                self._connections = {c for c in self._connections if not c.closed}
+            else:
+                self._connections.discard(dbapi)

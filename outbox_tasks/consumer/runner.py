@@ -14,7 +14,6 @@ import time
 from collections import Counter
 from typing import Any
 
-from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Engine
 
 from outbox_tasks.broker import broker_call, broker_errors, is_amqp, released, safe_url
@@ -22,14 +21,8 @@ from outbox_tasks.consumer.admin import lag
 from outbox_tasks.consumer.brokers import BrokerWriter, kombu_queues, prepare_partitions
 from outbox_tasks.consumer.events import Event
 from outbox_tasks.consumer.group import ConsumerGroup
-from outbox_tasks.consumer.keeper import Keeper, check_bounds
-from outbox_tasks.consumer.locks import (
-    INSTANCE_BASE,
-    INSTANCE_SPAN,
-    Locks,
-    group_lock_key,
-    shut_down,
-)
+from outbox_tasks.consumer.keeper import ConnectionsInUse, Keeper, check_bounds
+from outbox_tasks.consumer.locks import INSTANCE_BASE, INSTANCE_SPAN, Locks, group_lock_key
 from outbox_tasks.consumer.metrics import ConsumerMetrics, default_metrics
 from outbox_tasks.consumer.processing import (
     REQUEUED,
@@ -109,8 +102,7 @@ class Consumer:
         self._queues: dict[str, Any] = {}
         self._writer: BrokerWriter | None = None
         # Handling connections checked out of the engine now, shut down when ownership is lost.
-        self._checked_out: set[Any] = set()
-        self._checked_out_lock = threading.Lock()
+        self._in_use = ConnectionsInUse()
 
     @property
     def held_partitions(self) -> frozenset[int]:
@@ -143,8 +135,7 @@ class Consumer:
             on_outcome=self._count,
             forward=self._forward,
         )
-        sa_event.listen(engine, "checkout", self._on_checkout)
-        sa_event.listen(engine, "checkin", self._on_checkin)
+        self._in_use.watch(engine)
         log_event(
             log,
             logging.INFO,
@@ -188,8 +179,7 @@ class Consumer:
         finally:
             self._teardown()
             writer.close()
-            sa_event.remove(engine, "checkout", self._on_checkout)
-            sa_event.remove(engine, "checkin", self._on_checkin)
+            self._in_use.unwatch(engine)
             if owns_engine:
                 engine.dispose()
             log_event(
@@ -301,21 +291,7 @@ class Consumer:
         database call of the main thread fail at once."""
         source.abandon()
         locks.abandon()
-        with self._checked_out_lock:
-            connections = list(self._checked_out)
-        for dbapi in connections:
-            shut_down(dbapi)
-
-    def _on_checkout(self, dbapi: Any, record: Any, proxy: Any) -> None:
-        with self._checked_out_lock:
-            self._checked_out.add(dbapi)
-
-    def _on_checkin(self, dbapi: Any, record: Any) -> None:
-        with self._checked_out_lock:
-            if dbapi is None:  # an invalidated connection: forget the closed ones
-                self._checked_out = {c for c in self._checked_out if not c.closed}
-            else:
-                self._checked_out.discard(dbapi)
+        self._in_use.shut_down_all()
 
     def _pause(self, seconds: float) -> bool:
         """Wait between attempts; False (stop retrying) when stopping or no longer the owner."""
