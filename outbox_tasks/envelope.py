@@ -64,6 +64,7 @@ class OutboundMessage:
     body: bytes
     headers: dict[str, Any]
     aggregate_sequence: int | None = None
+    slot: int | None = None
     slot_key: str = ""
     """The slot routing key (:func:`slot_routing_key`), also in the ``BCC`` header."""
 
@@ -107,6 +108,20 @@ def slot_binding_pattern(start: int, free_bits: int, pattern: str) -> str:
         raise ValueError(f"slots {start}+2**{free_bits} are not an aligned block")
     fixed = _SLOT_WORDS[start].split(".")[: SLOT_BITS - free_bits]
     return ".".join([SLOT_ROUTE, *fixed, *(["*"] * free_bits), pattern])
+
+
+def parse_slot_binding(pattern: str) -> tuple[int, int, str] | None:
+    """The inverse of :func:`slot_binding_pattern`: ``(first slot, end slot, routing-key
+    pattern)``, or None when ``pattern`` is not one."""
+    words = pattern.split(".", SLOT_BITS + 1)
+    if len(words) != SLOT_BITS + 2 or words[0] != SLOT_ROUTE:
+        return None
+    bits = words[1 : SLOT_BITS + 1]
+    fixed = len(bits) - len([b for b in bits if b == "*"])
+    if any(b not in ("0", "1") for b in bits[:fixed]) or any(b != "*" for b in bits[fixed:]):
+        return None
+    start = int("".join(bits[:fixed]) or "0", 2) << (SLOT_BITS - fixed)
+    return start, start + (1 << (SLOT_BITS - fixed)), words[-1]
 
 
 def build_message(
@@ -163,9 +178,9 @@ def build_message(
     headers[H_ATTEMPT] = attempt
     headers[H_REDELIVERED] = redelivered
     key = routing_key(aggregate_type, event_type)
-    slot_key = slot_routing_key(
-        slot_of(aggregate_type, aggregate_id) if slot is None else slot, key
-    )
+    if slot is None:
+        slot = slot_of(aggregate_type, aggregate_id)
+    slot_key = slot_routing_key(slot, key)
     headers[H_BCC] = [slot_key]
     # Byte for byte what json.dumps(envelope, separators=(",", ":")) gave, without building
     # the dict and walking it: the three names are the only free text (escaped by the C
@@ -186,6 +201,7 @@ def build_message(
         body=body,
         headers=headers,
         aggregate_sequence=aggregate_sequence,
+        slot=slot,
         slot_key=slot_key,
     )
 

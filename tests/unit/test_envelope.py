@@ -14,6 +14,7 @@ from outbox_tasks.envelope import (
     RESERVED_HEADERS,
     OutboundMessage,
     build_message,
+    parse_slot_binding,
     routing_key,
     slot_binding_pattern,
     slot_routing_key,
@@ -272,3 +273,11 @@ def test_a_slot_binding_pattern_needs_an_aligned_block() -> None:
     with pytest.raises(ValueError):
         slot_binding_pattern(3, 2, "#")
     assert slot_binding_pattern(0, 10, "#") == "outbox-slot." + ".".join("*" * 10) + ".#"
+
+
+def test_a_slot_binding_pattern_parses_back_to_its_slots_and_routing_pattern() -> None:
+    assert parse_slot_binding(slot_binding_pattern(256, 8, "Order.*")) == (256, 512, "Order.*")
+    assert parse_slot_binding(slot_binding_pattern(0, 10, "#.Paid")) == (0, 1024, "#.Paid")
+    assert parse_slot_binding(slot_binding_pattern(341, 0, "A.b.c")) == (341, 342, "A.b.c")
+    assert parse_slot_binding("Order.*") is None
+    assert parse_slot_binding("outbox-slot.*.1.*.*.*.*.*.*.*.*.Order.*") is None
