@@ -222,7 +222,9 @@ class Consumer:
                 previous = locks.layout()
                 with (
                     released(
-                        self.url, connect_timeout=timeout, transport_options=_timeouts(timeout)
+                        self.url,
+                        connect_timeout=timeout,
+                        transport_options=_timeouts(self.amqp, timeout),
                     ) as conn,
                     broker_call(self.url, "preparing the group's partition queues"),
                 ):
@@ -473,11 +475,8 @@ class Consumer:
             locks.close()
 
 
-def _timeouts(seconds: float) -> dict[str, float]:
-    """kombu transport options: a deadline on every socket wait (both transports' names)."""
-    return {
-        "read_timeout": seconds,
-        "write_timeout": seconds,
-        "socket_timeout": seconds,
-        "socket_connect_timeout": seconds,
-    }
+def _timeouts(amqp: bool, seconds: float) -> dict[str, float]:
+    """kombu transport options: a deadline on every socket wait."""
+    if amqp:
+        return {"read_timeout": seconds, "write_timeout": seconds}
+    return {"socket_timeout": seconds, "socket_connect_timeout": seconds}
