@@ -27,15 +27,12 @@ H_EPOCH = "outbox-epoch"
 H_ATTEMPT = "outbox-attempt"
 H_REDELIVERED = "outbox-redelivered"
 # RabbitMQ's sender-selected distribution: extra routing keys, removed by the broker before
-# delivery. Every message carries its slot routing key there (see slot_routing_key); "CC" is
-# reserved too, so a user header can never add routes.
+# delivery. Every message carries its slot routing key there first (see slot_routing_key), then
+# the producer's own BCC keys, if any.
 H_BCC = "BCC"
-H_CC = "CC"
 
 RESERVED_HEADERS = frozenset(
     {
-        H_BCC,
-        H_CC,
         H_EVENT_ID,
         H_AGGREGATE_TYPE,
         H_AGGREGATE_ID,
@@ -151,7 +148,8 @@ def build_message(
     e.g. a discarded dead letter). Each goes into the body and a header when given.
 
     ``slot`` is the row's slot (computed from the aggregate when None); it becomes the
-    message's slot routing key, in the ``BCC`` header.
+    message's slot routing key, first in the ``BCC`` header (a producer's own ``BCC`` keys
+    follow it).
 
     ``payload_json`` is the payload as stored (jsonb rendered as text by PostgreSQL): it is
     spliced into the body as is, so a payload is never parsed and re-serialized on the hot path.
@@ -181,7 +179,8 @@ def build_message(
     if slot is None:
         slot = slot_of(aggregate_type, aggregate_id)
     slot_key = slot_routing_key(slot, key)
-    headers[H_BCC] = [slot_key]
+    extra = headers.get(H_BCC)
+    headers[H_BCC] = [slot_key, *extra] if isinstance(extra, list) else [slot_key]
     # Byte for byte what json.dumps(envelope, separators=(",", ":")) gave, without building
     # the dict and walking it: the three names are the only free text (escaped by the C
     # encoder json.dumps uses), the rest is a uuid, an ISO timestamp and integers.
