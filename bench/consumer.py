@@ -1,18 +1,20 @@
 """An ordered consumer group with a trivial handler: events handled per second with 1 and with 2
 consumer processes, and the broker messages each event costs (issue 14).
 
-Each run: a fresh database (the group's receipts and positions), a fresh exchange and group
-(``--partitions``, default 2). The consumer processes (``python -m outbox_tasks.consumer
-consume``, handler :func:`handle`: does nothing) start first and share the partitions; then
-``--events`` events over ``--aggregates`` aggregates are published through the relay's own
-publisher (``BrokerPublisher``, one batch), and the run times from the publish to the last
-receipt. CPU per event: user + system CPU of the consumer processes and their PostgreSQL
-backends during the run, per event (it moves less with the machine's load than events/s).
-Messages per event: the messages the group's queues received (counted before the
-consumers start, in a second group declared alongside and never consumed) per event published.
+Per broker, in one fresh database: two groups of ``--partitions`` (default 2) partitions, each
+on an exchange of its own: "one" with one consumer process (it holds every partition), "two"
+with two (one partition each); ``python -m outbox_tasks.consumer consume``, handler
+:func:`handle`, which does nothing, so an event costs its receipt, its position row and the
+commit. The three processes start first and settle on their partitions. Then, ``--repeats``
+times, a window per group in turn (order flipped every repeat): ``--events`` events over
+``--aggregates`` aggregates published in one batch by the relay's publisher (``BrokerPublisher``)
+to that group's exchange, timed from the publish to the group's last receipt. The idle group
+waits on its broker meanwhile, so both share the machine's load of the same minute: the
+2-process / 1-process ratio is taken per repeat, and the median is reported.
 
-1 and 2 processes alternate within each repeat (``--repeats``, order flipped every repeat); the
-2-process / 1-process ratio is computed per repeat and the median is reported.
+Messages per event: what a third group with the same layout, bound to the same exchange and
+never consumed, received per event published. CPU per event: user + system CPU of the consumer
+processes and of the database's PostgreSQL backends during the window, per event.
 """
 
 from __future__ import annotations
@@ -42,33 +44,6 @@ from outbox_tasks.settings import Settings
 
 def handle(event: Event, session: Session) -> None:
     """The trivial handler: the work is the receipt, the position and the commit."""
-
-
-def _messages(count: int, aggregates: int) -> list[OutboundMessage]:
-    sequences: dict[str, int] = {}
-    out = []
-    now = datetime.now(UTC)
-    for i in range(count):
-        aggregate = f"A{i % aggregates}"
-        sequences[aggregate] = sequences.get(aggregate, 0) + 1
-        out.append(
-            build_message(
-                event_id=uuid.uuid4(),
-                aggregate_type="Order",
-                aggregate_id=aggregate,
-                event_type="OrderPlaced",
-                occurred_at=now,
-                schema_version=1,
-                sequence=sequences[aggregate],
-                payload_json=common.payload_json(i),
-                user_headers=None,
-                partition=0,
-                epoch=1,
-                attempt=1,
-                redelivered=False,
-            )
-        )
-    return out
 
 
 class _Process:
@@ -122,85 +97,174 @@ class _Process:
         self._log.close()
 
 
-def _receipts(url: str) -> int:
-    with psycopg.connect(url, autocommit=True) as conn:
-        row = conn.execute("SELECT count(*) FROM outbox_consumer_receipt").fetchone()
+class _Group:
+    """A group, its exchange, its processes, and the sequences it has been sent so far."""
+
+    def __init__(
+        self, env: BenchEnv, broker: str, url: str, processes: int, partitions: int
+    ) -> None:
+        self.processes = processes
+        self.partitions = partitions
+        self.settings = common.relay_settings(
+            database_url=url,
+            broker_url=env.redis_url,
+            publish_url=common.publish_url(broker, env),
+            exchange=common.unique_name("bench.consumer"),
+        )
+        self.name = common.unique_name(f"bench-{processes}").replace(".", "-")
+        self.counted = self.name + "-count"  # same layout, never consumed: counts deliveries
+        self.sequences: dict[str, int] = {}
+        self.sent = 0
+        self.procs: list[_Process] = []
+
+    def declare(self) -> None:
+        for name in (self.name, self.counted):
+            declare_topology(name, settings=self.settings, partitions=self.partitions)
+
+    def delete(self) -> None:
+        for name in (self.name, self.counted):
+            with suppress(Exception):
+                delete_topology(name, settings=self.settings, partitions=self.partitions)
+
+    def start(self, logs: Path) -> None:
+        self.procs = [
+            _Process(self.settings, self.name, self.partitions, logs) for _ in range(self.processes)
+        ]
+
+    def settled(self) -> bool:
+        if any(p.proc.poll() is not None for p in self.procs):
+            raise RuntimeError(f"a consumer of {self.name} exited")
+        share = -(-self.partitions // self.processes)
+        held = [len(p.held()) for p in self.procs]
+        return sum(held) == self.partitions and all(h <= share for h in held)
+
+    def batch(self, count: int, aggregates: int) -> list[OutboundMessage]:
+        now = datetime.now(UTC)
+        out = []
+        for i in range(count):
+            aggregate = f"A{i % aggregates}"
+            sequence = self.sequences[aggregate] = self.sequences.get(aggregate, 0) + 1
+            out.append(
+                build_message(
+                    event_id=uuid.uuid4(),
+                    aggregate_type="Order",
+                    aggregate_id=aggregate,
+                    event_type="OrderPlaced",
+                    occurred_at=now,
+                    schema_version=1,
+                    sequence=sequence,
+                    payload_json=common.payload_json(i),
+                    user_headers=None,
+                    partition=0,
+                    epoch=1,
+                    attempt=1,
+                    redelivered=False,
+                )
+            )
+        return out
+
+
+def _receipts(conn: psycopg.Connection[Any], group: str) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM outbox_consumer_receipt WHERE consumer_group = %s", (group,)
+    ).fetchone()
     return int(row[0]) if row else 0
+
+
+def window(
+    group: _Group, url: str, conn: psycopg.Connection[Any], events: int, aggregates: int
+) -> dict[str, Any]:
+    """Publish ``events`` to the group's exchange; time until the group's last receipt."""
+    batch = group.batch(events, aggregates)
+    target = group.sent + events
+
+    def cpu() -> float:
+        own = sum(common.proc_cpu_seconds(p.proc.pid) for p in group.procs)
+        return own + common.backend_cpu_seconds(url, "outbox_tasks.consumer")
+
+    cpu_before = cpu()
+    publisher = BrokerPublisher(group.settings.effective_publish_url, group.settings.exchange)
+    started = time.monotonic()
+    try:
+        result = publisher.publish_batch(batch)
+    finally:
+        publisher.close()
+    published = time.monotonic()
+    if result.failed:
+        raise RuntimeError(f"publish failed: {result.failed}")
+    while (done := _receipts(conn, group.name)) < target:
+        if time.monotonic() - started > 600:
+            raise RuntimeError(f"{group.name}: only {done}/{target} handled")
+        time.sleep(0.02)
+    finished = time.monotonic()
+    cpu_used = cpu() - cpu_before
+    group.sent = target
+    elapsed = finished - started
+    return {
+        "processes": group.processes,
+        "events": events,
+        "publish_seconds": published - started,
+        "seconds": elapsed,
+        "events_per_second": events / elapsed,
+        "cpu_ms_per_event": cpu_used * 1000 / events,
+        "load_average": common.machine_load(),
+    }
 
 
 def run(
     env: BenchEnv,
     *,
     broker: str,
-    processes: int,
     partitions: int,
     events: int,
     aggregates: int,
+    repeats: int,
     logs: Path,
 ) -> dict[str, Any]:
+    """Both groups, ``repeats`` pairs of windows; the windows, per-pair ratios, messages/event."""
     with env.database() as url, ExitStack() as stack:
-        exchange = common.unique_name("bench.consumer")
-        settings = common.relay_settings(
-            database_url=url,
-            broker_url=env.redis_url,
-            publish_url=common.publish_url(broker, env),
-            exchange=exchange,
-        )
-        group = common.unique_name("bench").replace(".", "-")
-        counted = group + "-count"  # same layout, never consumed: counts the deliveries
-        for name in (group, counted):
-            declare_topology(name, settings=settings, partitions=partitions)
-            stack.callback(
-                lambda n=name: delete_topology(n, settings=settings, partitions=partitions)
-            )
-        procs = [_Process(settings, group, partitions, logs) for _ in range(processes)]
-        for proc in procs:
-            stack.callback(proc.stop)
-        share = -(-partitions // processes)
+        groups = {n: _Group(env, broker, url, n, partitions) for n in (1, 2)}
+        for group in groups.values():
+            group.declare()
+            stack.callback(group.delete)
+            group.start(logs)
+            for proc in group.procs:
+                stack.callback(proc.stop)
         deadline = time.monotonic() + 60
-        while (
-            not all(len(p.held()) == min(share, partitions) for p in procs)
-            or sum(len(p.held()) for p in procs) != partitions
-        ):
-            if time.monotonic() > deadline or any(p.proc.poll() is not None for p in procs):
+        while not all(g.settled() for g in groups.values()):
+            if time.monotonic() > deadline:
                 raise RuntimeError("consumers did not settle on their partitions")
             time.sleep(0.1)
-        batch = _messages(events, aggregates)
-        publisher = BrokerPublisher(settings.effective_publish_url, settings.exchange)
-
-        def cpu() -> float:
-            own = sum(common.proc_cpu_seconds(p.proc.pid) for p in procs)
-            return own + common.backend_cpu_seconds(url, "outbox_tasks.consumer")
-
-        cpu_before = cpu()
-        started = time.monotonic()
-        try:
-            result = publisher.publish_batch(batch)
-        finally:
-            publisher.close()
-        published = time.monotonic()
-        if result.failed:
-            raise RuntimeError(f"publish failed: {result.failed}")
-        while (done := _receipts(url)) < events:
-            if time.monotonic() - started > 600:
-                raise RuntimeError(f"only {done}/{events} handled")
-            time.sleep(0.02)
-        finished = time.monotonic()
-        cpu_used = cpu() - cpu_before
-        messages = lag(counted, settings=settings, partitions=partitions, peek=False).messages
-    elapsed = finished - started
-    return {
-        "broker": broker,
-        "processes": processes,
-        "partitions": partitions,
-        "events": events,
-        "publish_seconds": published - started,
-        "seconds": elapsed,
-        "events_per_second": events / elapsed,
-        "broker_messages_per_event": messages / events,
-        "cpu_ms_per_event": cpu_used * 1000 / events,
-        "load_average": common.machine_load(),
-    }
+        conn = stack.enter_context(psycopg.connect(url, autocommit=True))
+        windows: list[dict[str, Any]] = []
+        pairs: list[dict[str, Any]] = []
+        for repeat in range(repeats):
+            order = (1, 2) if repeat % 2 == 0 else (2, 1)
+            pair = {}
+            for n in order:
+                w = window(groups[n], url, conn, events, aggregates)
+                w["repeat"] = repeat
+                windows.append(w)
+                pair[n] = w
+                log(
+                    f"{broker} repeat {repeat + 1}, {n} process(es): "
+                    f"{w['events_per_second']:,.0f} events/s, "
+                    f"{w['cpu_ms_per_event']:.2f} ms CPU per event, load {w['load_average']}"
+                )
+            pairs.append(
+                {
+                    "repeat": repeat,
+                    "one": pair[1]["events_per_second"],
+                    "two": pair[2]["events_per_second"],
+                    "ratio": pair[2]["events_per_second"] / pair[1]["events_per_second"],
+                }
+            )
+        per_event = {
+            n: lag(g.counted, settings=g.settings, partitions=partitions, peek=False).messages
+            / g.sent
+            for n, g in groups.items()
+        }
+    return {"broker": broker, "windows": windows, "pairs": pairs, "messages_per_event": per_event}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,13 +272,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m bench consumer",
         description="ordered consumer group, trivial handler: 1 vs 2 processes, messages/event",
     )
-    parser.add_argument("--events", type=int, default=4000)
+    parser.add_argument("--events", type=int, default=1000, help="events per window")
     parser.add_argument("--aggregates", type=int, default=200)
     parser.add_argument("--partitions", type=int, default=2)
     parser.add_argument(
         "--brokers", type=common.csv_choices(common.BROKERS), default=list(common.BROKERS)
     )
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=10, help="pairs of windows")
     parser.add_argument("--logs", type=Path, default=None, help="keep consumer logs here")
     common.add_output_argument(parser)
     args = parser.parse_args(argv)
@@ -233,57 +297,43 @@ def main(argv: list[str] | None = None) -> int:
         logs = args.logs or Path(stack.enter_context(_tempdir()))
         logs.mkdir(parents=True, exist_ok=True)
         for broker in args.brokers:
-            for repeat in range(args.repeats):
-                order = (1, 2) if repeat % 2 == 0 else (2, 1)
-                by_count: dict[int, dict[str, Any]] = {}
-                for processes in order:
-                    log(f"{broker} repeat {repeat + 1}: {processes} process(es)")
-                    r = run(
-                        env,
-                        broker=broker,
-                        processes=processes,
-                        partitions=args.partitions,
-                        events=args.events,
-                        aggregates=args.aggregates,
-                        logs=logs,
-                    )
-                    r["repeat"] = repeat
-                    results.runs.append(r)
-                    by_count[processes] = r
-                    log(
-                        f"  {r['events_per_second']:,.0f} events/s, "
-                        f"{r['broker_messages_per_event']:.2f} broker messages per event, "
-                        f"{r['cpu_ms_per_event']:.2f} ms CPU per event (consumers + backends), "
-                        f"load {r['load_average']}"
-                    )
-                results.summary.append(
-                    {
-                        "broker": broker,
-                        "repeat": repeat,
-                        "one": by_count[1]["events_per_second"],
-                        "two": by_count[2]["events_per_second"],
-                        "ratio": by_count[2]["events_per_second"]
-                        / by_count[1]["events_per_second"],
-                        "broker_messages_per_event": by_count[2]["broker_messages_per_event"],
-                    }
-                )
-    rows = []
-    for broker in args.brokers:
-        mine = [s for s in results.summary if s["broker"] == broker]
-        rows.append(
-            [
-                broker,
-                common.fmt(common.median([s["one"] for s in mine])),
-                common.fmt(common.median([s["two"] for s in mine])),
-                common.fmt(common.median([s["ratio"] for s in mine]), 2),
-                ", ".join(f"{s['ratio']:.2f}" for s in mine),
-                common.fmt(common.median([s["broker_messages_per_event"] for s in mine]), 2),
-            ]
-        )
+            r = run(
+                env,
+                broker=broker,
+                partitions=args.partitions,
+                events=args.events,
+                aggregates=args.aggregates,
+                repeats=args.repeats,
+                logs=logs,
+            )
+            results.runs.append(r)
+            per_event = max(r["messages_per_event"].values())
+            results.summary.append(
+                {
+                    "broker": broker,
+                    "one": common.median([p["one"] for p in r["pairs"]]),
+                    "two": common.median([p["two"] for p in r["pairs"]]),
+                    "ratio": common.median([p["ratio"] for p in r["pairs"]]),
+                    "ratios": [round(p["ratio"], 2) for p in r["pairs"]],
+                    "broker_messages_per_event": per_event,
+                }
+            )
+    rows = [
+        [
+            s["broker"],
+            common.fmt(s["one"]),
+            common.fmt(s["two"]),
+            common.fmt(s["ratio"], 2),
+            ", ".join(f"{x:.2f}" for x in s["ratios"]),
+            common.fmt(s["broker_messages_per_event"], 2),
+        ]
+        for s in results.summary
+    ]
     path = results.write(args.output, common.versions(need_amqp=need_amqp))
     print(
         f"Ordered consumer group, {args.partitions} partitions, trivial handler, "
-        f"{args.events:,} events over {args.aggregates} aggregates (median of {args.repeats})\n"
+        f"{args.events:,} events per window over {args.aggregates} aggregates "
+        f"(median of {args.repeats} pairs of windows)\n"
     )
     print(
         common.md_table(
