@@ -12,6 +12,11 @@ to that group's exchange, timed from the publish to the group's last receipt. Th
 waits on its broker meanwhile, so both share the machine's load of the same minute: the
 2-process / 1-process ratio is taken per repeat, and the median is reported.
 
+Commit ceiling: after each pair, 1 and then 2 connections do ``--events`` single-row autocommit
+INSERTs (in all) into a scratch table of the same database: the durable commits per second the
+machine allows, and their 2 / 1 ratio, measured in the same minute. A consumer commits once per
+event, so its ratio cannot beat that one for long.
+
 Messages per event: what a third group with the same layout, bound to the same exchange and
 never consumed, received per event published. CPU per event: user + system CPU of the consumer
 processes and of the database's PostgreSQL backends during the window, per event.
@@ -211,6 +216,29 @@ def window(
     }
 
 
+COMMIT_SQL = "INSERT INTO bench_commit (v) VALUES (1)"
+
+
+def commit_ceiling(url: str, connections: int, commits: int) -> float:
+    """Single-row autocommit INSERTs per second on ``connections`` connections at once (each
+    does ``commits``): how many durable commits per second this machine's PostgreSQL does, the
+    ceiling of a consumer that commits once per event."""
+    import threading
+
+    def work() -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            for _ in range(commits):
+                conn.execute(COMMIT_SQL)
+
+    threads = [threading.Thread(target=work) for _ in range(connections)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return connections * commits / (time.monotonic() - started)
+
+
 def run(
     env: BenchEnv,
     *,
@@ -236,6 +264,7 @@ def run(
                 raise RuntimeError("consumers did not settle on their partitions")
             time.sleep(0.1)
         conn = stack.enter_context(psycopg.connect(url, autocommit=True))
+        conn.execute("CREATE TABLE bench_commit (id bigserial PRIMARY KEY, v int)")
         windows: list[dict[str, Any]] = []
         pairs: list[dict[str, Any]] = []
         for repeat in range(repeats):
@@ -251,12 +280,16 @@ def run(
                     f"{w['events_per_second']:,.0f} events/s, "
                     f"{w['cpu_ms_per_event']:.2f} ms CPU per event, load {w['load_average']}"
                 )
+            ceiling = {n: commit_ceiling(url, n, events // n) for n in order}
             pairs.append(
                 {
                     "repeat": repeat,
                     "one": pair[1]["events_per_second"],
                     "two": pair[2]["events_per_second"],
                     "ratio": pair[2]["events_per_second"] / pair[1]["events_per_second"],
+                    "commits_one": ceiling[1],
+                    "commits_two": ceiling[2],
+                    "commit_ratio": ceiling[2] / ceiling[1],
                 }
             )
         per_event = {
@@ -315,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
                     "two": common.median([p["two"] for p in r["pairs"]]),
                     "ratio": common.median([p["ratio"] for p in r["pairs"]]),
                     "ratios": [round(p["ratio"], 2) for p in r["pairs"]],
+                    "commits_one": common.median([p["commits_one"] for p in r["pairs"]]),
+                    "commits_two": common.median([p["commits_two"] for p in r["pairs"]]),
+                    "commit_ratio": common.median([p["commit_ratio"] for p in r["pairs"]]),
                     "broker_messages_per_event": per_event,
                 }
             )
@@ -326,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
             common.fmt(s["ratio"], 2),
             ", ".join(f"{x:.2f}" for x in s["ratios"]),
             common.fmt(s["broker_messages_per_event"], 2),
+            f"{common.fmt(s['commits_one'])} / {common.fmt(s['commits_two'])} "
+            f"({common.fmt(s['commit_ratio'], 2)})",
         ]
         for s in results.summary
     ]
@@ -344,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio 2/1",
                 "ratios per repeat",
                 "broker messages/event",
+                "commit ceiling 1 / 2 conns (ratio)",
             ],
             rows,
         )
