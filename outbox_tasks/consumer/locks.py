@@ -1,9 +1,10 @@
 """Partition ownership: PostgreSQL advisory locks held on a dedicated connection, proven alive by
 a heartbeat, and the eviction of members that went silent.
 
-Every call on the lock connection has a deadline: a watchdog shuts the connection's socket down
-when a call overruns it (a server that stopped answering on a connection the network keeps open
-would otherwise block the call for hours), and the call fails with DatabaseUnavailable.
+Every call on the lock connection has a deadline (``outbox_tasks.db.DEADLINES``: a watchdog
+shuts the connection's socket down when a call overruns it; a server that stopped answering on a
+connection the network keeps open would otherwise block the call for hours), and the call fails
+with DatabaseUnavailable.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import threading
 import zlib
 from collections.abc import Iterator
 from typing import Any, Final
@@ -63,20 +63,14 @@ class Locks:
     def connect(self) -> None:
         import psycopg
 
-        from outbox_tasks.db import connect_args
+        from outbox_tasks.db import connect_args, keepalive_args
 
-        args = connect_args(self.settings, "outbox_tasks.consumer.locks")
+        args: dict[str, Any] = {
+            **connect_args(self.settings, "outbox_tasks.consumer.locks"),
+            **keepalive_args(self.settings),
+        }
         with self._translated("connect"):
-            self._conn = psycopg.connect(
-                self.settings.libpq_url,
-                autocommit=True,
-                keepalives=1,
-                keepalives_idle=5,
-                keepalives_interval=2,
-                keepalives_count=3,
-                tcp_user_timeout=max(1, int(self.deadline * 2000)),
-                **args,
-            )
+            self._conn = psycopg.connect(self.settings.libpq_url, autocommit=True, **args)
         with self._call("backend pid"):
             self.pid = store.backend_pid(self._conn)
 
@@ -163,10 +157,15 @@ class Locks:
 
     @contextlib.contextmanager
     def _call(self, what: str, *, extra: float = 0.0) -> Iterator[None]:
+        from outbox_tasks.db import DEADLINES
+
         conn = self._conn
         if conn is None:
             raise DatabaseUnavailable(f"consumer locks: {what}: not connected")
-        with deadline(conn, self.deadline + extra), self._translated(what):
+        with (
+            DEADLINES.guard(conn, self.deadline + extra, f"consumer locks: {what}"),
+            self._translated(what),
+        ):
             yield
 
     @contextlib.contextmanager
@@ -194,25 +193,3 @@ def shut_down(conn: Any) -> None:
         pass
     finally:
         duplicate.close()
-
-
-@contextlib.contextmanager
-def deadline(conn: Any, seconds: float) -> Iterator[None]:
-    """Shut ``conn``'s socket down if the block is still running after ``seconds``."""
-    lock = threading.Lock()
-    done = False
-
-    def expire() -> None:
-        with lock:
-            if not done:
-                shut_down(conn)
-
-    timer = threading.Timer(seconds, expire)
-    timer.daemon = True
-    timer.start()
-    try:
-        yield
-    finally:
-        with lock:
-            done = True
-        timer.cancel()
