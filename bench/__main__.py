@@ -1,5 +1,5 @@
 """``python -m bench <name> [options]``: throughput, latency, growth, baseline, cleanup,
-producer.
+producer, consumer.
 
 Each bench prints a markdown table to stdout (progress goes to stderr) and writes its JSON, with
 versions and settings, to ``bench/results/<name>.json`` (``--output`` to change it). Run from the
@@ -18,6 +18,7 @@ COMMANDS = {
     "baseline": ("bench.baseline", "the limit alone: psycopg + redis-py / py-amqp, no Celery"),
     "cleanup": ("bench.cleanup", "cleanup of published rows vs concurrent insert latency"),
     "producer": ("bench.producer", "what the per-aggregate counter costs producers, and its size"),
+    "consumer": ("bench.consumer", "ordered consumer group: 1 vs 2 processes, messages/event"),
 }
 
 

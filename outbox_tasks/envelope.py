@@ -7,7 +7,10 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
+
+from outbox_tasks.schema import slot_of
+from outbox_tasks.settings import SLOT_COUNT
 
 CONTENT_TYPE = "application/json"
 CONTENT_ENCODING = "utf-8"
@@ -23,6 +26,10 @@ H_PARTITION = "outbox-partition"
 H_EPOCH = "outbox-epoch"
 H_ATTEMPT = "outbox-attempt"
 H_REDELIVERED = "outbox-redelivered"
+# RabbitMQ's sender-selected distribution: extra routing keys, removed by the broker before
+# delivery. Every message carries its slot routing key there first (see slot_routing_key), then
+# the producer's own BCC keys, if any.
+H_BCC = "BCC"
 
 RESERVED_HEADERS = frozenset(
     {
@@ -54,6 +61,9 @@ class OutboundMessage:
     body: bytes
     headers: dict[str, Any]
     aggregate_sequence: int | None = None
+    slot: int | None = None
+    slot_key: str = ""
+    """The slot routing key (:func:`slot_routing_key`), also in the ``BCC`` header."""
 
     @property
     def aggregate_key(self) -> tuple[str, str]:
@@ -67,6 +77,48 @@ _quote = json.encoder.encode_basestring_ascii
 def routing_key(aggregate_type: str, event_type: str) -> str:
     """``<aggregate_type>.<event_type>``, so consumers bind with patterns like ``Order.*``."""
     return f"{aggregate_type}.{event_type}"
+
+
+SLOT_ROUTE: Final = "outbox-slot"
+"""First word of every slot routing key and slot binding pattern."""
+SLOT_BITS: Final = 10
+assert 1 << SLOT_BITS == SLOT_COUNT
+# Slot -> its bits as topic words, most significant first ("0.0.0.0.0.0.0.1.0.1" for 5).
+_SLOT_WORDS: Final = tuple(".".join(format(s, f"0{SLOT_BITS}b")) for s in range(SLOT_COUNT))
+
+
+def slot_routing_key(slot: int, routing_key: str) -> str:
+    """``outbox-slot.<the slot's 10 bits, one word each>.<routing key>``: the second key every
+    event is routed with, so a queue can be bound to a range of slots with topic patterns
+    (:func:`slot_binding_pattern`). It travels in the ``BCC`` header: RabbitMQ routes with it
+    and removes the header before delivery; the relay's Redis link routes with it itself (there
+    the header stays in the message, unused)."""
+    return f"{SLOT_ROUTE}.{_SLOT_WORDS[slot]}.{routing_key}"
+
+
+def slot_binding_pattern(start: int, free_bits: int, pattern: str) -> str:
+    """The topic pattern that matches the slot routing keys of the slots
+    ``[start, start + 2**free_bits)`` (``start`` a multiple of that size) whose routing key
+    matches ``pattern``: ``outbox-slot.0.1.*.*.*.*.*.*.*.*.Order.*`` is slots 256-511 of
+    ``Order.*``."""
+    if not 0 <= free_bits <= SLOT_BITS or start % (1 << free_bits) or not 0 <= start < SLOT_COUNT:
+        raise ValueError(f"slots {start}+2**{free_bits} are not an aligned block")
+    fixed = _SLOT_WORDS[start].split(".")[: SLOT_BITS - free_bits]
+    return ".".join([SLOT_ROUTE, *fixed, *(["*"] * free_bits), pattern])
+
+
+def parse_slot_binding(pattern: str) -> tuple[int, int, str] | None:
+    """The inverse of :func:`slot_binding_pattern`: ``(first slot, end slot, routing-key
+    pattern)``, or None when ``pattern`` is not one."""
+    words = pattern.split(".", SLOT_BITS + 1)
+    if len(words) != SLOT_BITS + 2 or words[0] != SLOT_ROUTE:
+        return None
+    bits = words[1 : SLOT_BITS + 1]
+    fixed = len(bits) - len([b for b in bits if b == "*"])
+    if any(b not in ("0", "1") for b in bits[:fixed]) or any(b != "*" for b in bits[fixed:]):
+        return None
+    start = int("".join(bits[:fixed]) or "0", 2) << (SLOT_BITS - fixed)
+    return start, start + (1 << (SLOT_BITS - fixed)), words[-1]
 
 
 def build_message(
@@ -86,6 +138,7 @@ def build_message(
     redelivered: bool,
     aggregate_sequence: int | None = None,
     previous_aggregate_sequence: int | None = None,
+    slot: int | None = None,
 ) -> OutboundMessage:
     """Build the wire form of one outbox row.
 
@@ -93,6 +146,10 @@ def build_message(
     ``previous_aggregate_sequence`` the number published before it for the aggregate (0 for the
     first; lower than ``aggregate_sequence - 1`` when the numbers between were dropped on purpose,
     e.g. a discarded dead letter). Each goes into the body and a header when given.
+
+    ``slot`` is the row's slot (computed from the aggregate when None); it becomes the
+    message's slot routing key, first in the ``BCC`` header (a producer's own ``BCC`` keys
+    follow it).
 
     ``payload_json`` is the payload as stored (jsonb rendered as text by PostgreSQL): it is
     spliced into the body as is, so a payload is never parsed and re-serialized on the hot path.
@@ -118,6 +175,12 @@ def build_message(
     headers[H_EPOCH] = epoch
     headers[H_ATTEMPT] = attempt
     headers[H_REDELIVERED] = redelivered
+    key = routing_key(aggregate_type, event_type)
+    if slot is None:
+        slot = slot_of(aggregate_type, aggregate_id)
+    slot_key = slot_routing_key(slot, key)
+    extra = headers.get(H_BCC)
+    headers[H_BCC] = [slot_key, *extra] if isinstance(extra, list) else [slot_key]
     # Byte for byte what json.dumps(envelope, separators=(",", ":")) gave, without building
     # the dict and walking it: the three names are the only free text (escaped by the C
     # encoder json.dumps uses), the rest is a uuid, an ISO timestamp and integers.
@@ -133,10 +196,12 @@ def build_message(
         aggregate_id=aggregate_id,
         event_type=event_type,
         sequence=sequence,
-        routing_key=routing_key(aggregate_type, event_type),
+        routing_key=key,
         body=body,
         headers=headers,
         aggregate_sequence=aggregate_sequence,
+        slot=slot,
+        slot_key=slot_key,
     )
 
 
@@ -167,6 +232,8 @@ class StoredRow(Protocol):
     def aggregate_sequence(self) -> int: ...
     @property
     def previous_aggregate_sequence(self) -> int: ...
+    @property
+    def slot(self) -> int: ...
 
 
 def message_for_row(
@@ -190,4 +257,5 @@ def message_for_row(
         redelivered=redelivered,
         aggregate_sequence=row.aggregate_sequence,
         previous_aggregate_sequence=row.previous_aggregate_sequence,
+        slot=row.slot,
     )

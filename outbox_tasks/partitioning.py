@@ -9,7 +9,14 @@ from __future__ import annotations
 from outbox_tasks.schema import slot_of
 from outbox_tasks.settings import SLOT_COUNT
 
-__all__ = ["SLOT_COUNT", "partition_of", "partition_of_aggregate", "slot_of", "slot_range"]
+__all__ = [
+    "SLOT_COUNT",
+    "aligned_blocks",
+    "partition_of",
+    "partition_of_aggregate",
+    "slot_of",
+    "slot_range",
+]
 
 
 def slot_range(partition: int, partitions: int) -> tuple[int, int]:
@@ -28,3 +35,20 @@ def partition_of(slot: int, partitions: int) -> int:
 
 def partition_of_aggregate(aggregate_type: str, aggregate_id: str, partitions: int) -> int:
     return partition_of(slot_of(aggregate_type, aggregate_id), partitions)
+
+
+def aligned_blocks(lo: int, hi: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` as the fewest blocks ``(start, free_bits)`` of ``2**free_bits`` slots each,
+    every ``start`` a multiple of its block's size, in slot order (at most 2 per bit: a range of
+    1024 slots needs at most 18 blocks). What a topic pattern over the slot's bits can match."""
+    if not 0 <= lo <= hi <= SLOT_COUNT:
+        raise ValueError(f"[{lo}, {hi}) is not a range of slots")
+    blocks: list[tuple[int, int]] = []
+    start = lo
+    while start < hi:
+        bits = (start & -start).bit_length() - 1 if start else SLOT_COUNT.bit_length() - 1
+        while start + (1 << bits) > hi:
+            bits -= 1
+        blocks.append((start, bits))
+        start += 1 << bits
+    return blocks

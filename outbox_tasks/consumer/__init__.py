@@ -9,10 +9,11 @@ handler's effects happen once even though delivery is at least once.
 * **Unordered groups** share one durable queue ``outbox.consumer.<group>``; any number of
   processes read it.
 * **Ordered groups** (``partitions=N``) have N queues ``outbox.consumer.<group>.p<k>``, each
-  bound with the group's patterns, so each holds every event. One process at a time consumes a
-  partition queue: it holds a PostgreSQL advisory lock for (group, k) on a dedicated connection
-  (RabbitMQ queues are also single-active-consumer), and handles only the events whose aggregate
-  falls in partition k, acknowledging the others without effect. A per-aggregate high-water mark
+  bound to the slot routing keys of partition k's slots, so each event reaches one of them. One
+  process at a time consumes a partition queue: it holds a PostgreSQL advisory lock for
+  (group, k) on a dedicated connection, kept visibly alive by a heartbeat; a member that goes
+  silent is evicted by the others after ``takeover_seconds`` and its open transactions are
+  fenced out (RabbitMQ queues are also single-active-consumer). A per-aggregate high-water mark
   (``outbox_consumer_position``) drops stale redeliveries (outcome ``stale``).
 * **Failures** are retried in-process with capped exponential backoff, then the message goes to
   the plain durable queue ``outbox.consumer.<group>.dead``. An ordered group then parks the
@@ -33,7 +34,8 @@ Modules, lowest first; each imports only modules listed above it (no cycles)::
     brokers     the group's broker topology: queues, declare/delete, dead-letter writer
     processing  one message: receipts, order, retries, dead letters; the outcomes
     sources     receiving from RabbitMQ or Redis
-    locks       partition ownership (advisory locks on a dedicated connection)
+    locks       partition ownership (advisory locks on a dedicated connection), eviction
+    keeper      the heartbeat thread: proves ownership alive, gives it up when it cannot
     admin       lag, dead letters waiting, parked aggregates, unpark
     replay      dead letters back to the group's queues
     runner      the process: :class:`Consumer`
@@ -54,7 +56,13 @@ from outbox_tasks.consumer.brokers import (
 )
 from outbox_tasks.consumer.events import Event, EventHandler, parse_event
 from outbox_tasks.consumer.group import QUEUE_PREFIX, ConsumerGroup, load_handler
-from outbox_tasks.consumer.locks import INSTANCE_BASE, INSTANCE_SPAN, MEMBER_BASE, group_lock_key
+from outbox_tasks.consumer.locks import (
+    FENCE_BASE,
+    INSTANCE_BASE,
+    INSTANCE_SPAN,
+    MEMBER_BASE,
+    group_lock_key,
+)
 from outbox_tasks.consumer.metrics import ConsumerMetrics, Lag, default_metrics
 from outbox_tasks.consumer.processing import (
     DEAD_LETTER_HEADERS,
@@ -88,6 +96,7 @@ __all__ = [
     "DEAD_LETTERED",
     "DEAD_LETTER_HEADERS",
     "DUPLICATE",
+    "FENCE_BASE",
     "HANDLED",
     "H_CONSUMER_ATTEMPTS",
     "H_CONSUMER_DEAD_AT",

@@ -1,6 +1,13 @@
-"""The consumer group's broker topology: its kombu queue definitions, declaring and deleting
-them, and the confirmed writer for dead letters and replays. The shared plumbing (URLs, driver
-errors, connections, the Redis message format) is :mod:`outbox_tasks.broker`."""
+"""The consumer group's broker topology: its kombu queue definitions, declaring, re-binding and
+deleting them, and the confirmed writer for dead letters, replays and forwards. The shared
+plumbing (URLs, driver errors, connections, the Redis message format) is
+:mod:`outbox_tasks.broker`.
+
+An ordered group's partition queue *k* is bound to the slot routing keys of the slots of
+partition *k* (``ConsumerGroup.partition_bindings``), so each event reaches exactly one of the
+group's queues: RabbitMQ routes with the ``BCC`` header every message carries, the relay's Redis
+link matches the slot key itself (kombu's Redis transport knows no headers exchange).
+"""
 
 from __future__ import annotations
 
@@ -30,19 +37,112 @@ def _queue(name: str, **options: Any) -> Any:
 
 
 def kombu_queues(group: ConsumerGroup, exchange: str, amqp: bool) -> list[Any]:
-    """The kombu Queue objects of the group: event queues (bound) and the dead-letter queue."""
+    """The kombu Queue objects of the group: event queues (bound) and the dead-letter queue.
+
+    Unordered: one queue bound with the group's patterns. Ordered: partition *k*'s queue bound
+    with ``group.partition_bindings(k)`` (RabbitMQ: single-active-consumer as well).
+    """
 
     topic: Any = kombu("kombu.entity.Exchange")(exchange, type="topic", durable=True)
-    bindings = [
-        kombu("kombu.entity.binding")(topic, routing_key=pattern) for pattern in group.bindings
-    ]
-    arguments = {"x-single-active-consumer": True} if amqp and group.ordered else None
-    queues: list[Any] = [
-        _queue(name, bindings=bindings, durable=True, queue_arguments=arguments)
-        for name in group.queues
-    ]
+
+    def bound(patterns: Sequence[str]) -> list[Any]:
+        return [kombu("kombu.entity.binding")(topic, routing_key=p) for p in patterns]
+
+    queues: list[Any]
+    if group.ordered:
+        arguments = {"x-single-active-consumer": True} if amqp else None
+        queues = [
+            _queue(
+                group.partition_queue(k),
+                bindings=bound(group.partition_bindings(k)),
+                durable=True,
+                queue_arguments=arguments,
+            )
+            for k in range(group.partitions)
+        ]
+    else:
+        queues = [_queue(group.queue, bindings=bound(group.bindings), durable=True)]
     queues.append(_queue(group.dead_letter_queue, durable=True))
     return queues
+
+
+def unbind(channel: Any, exchange: str, queue: str, patterns: Sequence[str]) -> None:
+    """Remove the bindings ``patterns`` of ``queue`` to the topic ``exchange`` (missing ones
+    are no error). kombu's Redis channel only forgets a binding in memory: there the binding
+    table's members are removed directly."""
+    if not patterns:
+        return
+    if hasattr(channel, "keyprefix_queue"):  # kombu's Redis channel
+        topic: Any = kombu("kombu.transport.virtual.exchange.TopicExchange")(channel)
+        members = [channel.sep.join([p, topic.key_to_pattern(p), queue]) for p in patterns]
+        with channel.conn_or_acquire() as client, client.pipeline() as pipe:
+            pipe.srem(channel.keyprefix_queue % (exchange,), *members)
+            pipe.srem(channel.keyprefix_binding_permanent % (exchange,), *members)
+            pipe.execute()
+        return
+    for pattern in patterns:
+        channel.queue_unbind(queue=queue, exchange=exchange, routing_key=pattern)
+
+
+def queue_depth(conn: Any, queue: str) -> int | None:
+    """Messages in ``queue`` (RabbitMQ: ready ones; Redis: waiting and in flight); None when it
+    does not exist (RabbitMQ; an empty Redis list does not exist either: 0)."""
+    channel = conn.channel()
+    try:
+        if hasattr(channel, "keyprefix_queue"):  # kombu's Redis channel
+            with channel.conn_or_acquire() as client:
+                return int(client.llen(queue)) + int(client.llen(f"{queue}.inflight"))
+        from amqp.exceptions import NotFound
+
+        try:
+            return int(channel.queue_declare(queue=queue, passive=True).message_count)
+        except NotFound:  # the broker closed this channel
+            return None
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()
+
+
+def prepare_partitions(
+    conn: Any, group: ConsumerGroup, exchange: str, previous: int | None
+) -> None:
+    """Before an ordered group's queues are declared with ``group.partitions``: drop the
+    bindings of the layout they were routed with (``previous`` partitions, None: unknown) and of
+    the pre-slot layout (the group's plain patterns), and delete the queues of partitions that
+    no longer exist.
+
+    Raises :class:`ConfigurationError` when the layout changes while a queue of the previous
+    layout still holds messages: they were routed for it and must be handled with it first.
+    """
+    channel = conn.channel()
+    try:
+        plain = list(group.bindings)
+        if previous is None or previous == group.partitions:
+            for k in range(group.partitions):
+                unbind(channel, exchange, group.partition_queue(k), plain)
+            return
+        before = admin_group(group, previous)
+        waiting = {q: depth for q in before.queues if (depth := queue_depth(conn, q))}
+        if waiting:
+            raise ConfigurationError(
+                f"consumer group {group.name} was routed with partitions={previous} and its "
+                f"queues still hold messages ({waiting}); handle them with partitions="
+                f"{previous} first (stop the relay's workers, let the group drain), then start "
+                f"it with partitions={group.partitions}"
+            )
+        now = {
+            group.partition_queue(k): set(group.partition_bindings(k))
+            for k in range(group.partitions)
+        }
+        for k in range(previous):
+            queue = before.partition_queue(k)
+            stale = [p for p in before.partition_bindings(k) if p not in now.get(queue, ())]
+            unbind(channel, exchange, queue, stale + plain)
+            if queue not in now and queue_depth(conn, queue) is not None:
+                channel.queue_delete(queue=queue, if_empty=True)
+    finally:
+        with contextlib.suppress(Exception):
+            channel.close()
 
 
 def declare_queues(channel: Any, queues: Sequence[Any]) -> None:
@@ -168,6 +268,8 @@ def declare_topology(
     settings, url = resolve(settings, url)
     exchange = exchange_name(settings, exchange)
     with released(url) as conn, broker_call(url, "declaring the group's queues"):
+        if target.ordered:
+            prepare_partitions(conn, target, exchange, None)
         declare_queues(conn.channel(), kombu_queues(target, exchange, is_amqp(url)))
 
 

@@ -12,8 +12,9 @@ from typing import Any, Final
 from sqlalchemy.orm import Session
 
 from outbox_tasks.consumer.events import Event, EventHandler
+from outbox_tasks.envelope import slot_binding_pattern
 from outbox_tasks.errors import ConfigurationError
-from outbox_tasks.partitioning import partition_of, slot_of
+from outbox_tasks.partitioning import aligned_blocks, partition_of, slot_of, slot_range
 from outbox_tasks.settings import SLOT_COUNT
 
 QUEUE_PREFIX: Final = "outbox.consumer."
@@ -53,8 +54,8 @@ class ConsumerGroup:
     """What a group consumes, how it handles it, and how hard it retries.
 
     ``partitions=0`` (default): unordered, one shared queue. ``partitions=N``: ordered per
-    aggregate, N partition queues, one active process per partition (keep N small: every event
-    is delivered to each of the N queues). Retries: ``max_attempts`` attempts in all, waiting
+    aggregate, N partition queues bound to the N slot ranges (each event reaches one of them),
+    one active process per partition. Retries: ``max_attempts`` attempts in all, waiting
     ``backoff_base_seconds`` doubling up to ``backoff_max_seconds`` (with jitter) between them.
     ``prefetch``: unacknowledged messages a process may hold per queue (RabbitMQ).
     ``gap_wait_seconds`` (ordered groups): how long an event that follows a missing one of its
@@ -150,6 +151,16 @@ class ConsumerGroup:
         if self.ordered:
             return tuple(self.partition_queue(k) for k in range(self.partitions))
         return (self.queue,)
+
+    def partition_bindings(self, partition: int) -> tuple[str, ...]:
+        """The topic patterns partition queue ``partition`` is bound with: the group's patterns
+        over the slot routing keys of the partition's slot range (1 to 18 per pattern)."""
+        blocks = aligned_blocks(*slot_range(partition, self.partitions))
+        return tuple(
+            slot_binding_pattern(start, bits, pattern)
+            for pattern in self.bindings
+            for start, bits in blocks
+        )
 
     def partition_of(self, aggregate_type: str, aggregate_id: str) -> int:
         return partition_of(slot_of(aggregate_type, aggregate_id), self.partitions)

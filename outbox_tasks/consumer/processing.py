@@ -43,7 +43,7 @@ DUPLICATE: Final = "duplicate"  # the group's receipt for this event id exists: 
 # ordered: at or below the aggregate's high-water mark and never handled by the group: sent to
 # the dead-letter queue (a replayed one is dropped: the operator skipped it with unpark)
 STALE: Final = "stale"
-OTHER_PARTITION: Final = "other_partition"  # ordered: another partition's event: acked, no effect
+OTHER_PARTITION: Final = "other_partition"  # ordered: another partition's event: forwarded, acked
 DEAD_LETTERED: Final = "dead_lettered"  # retries exhausted: sent to the dead-letter queue
 PARKED: Final = "parked"  # ordered: its aggregate is parked: sent to the dead-letter queue
 # ordered: follows a missing event of its aggregate; after gap_wait_seconds it is sent to the
@@ -84,7 +84,12 @@ class DeadLetterSink(Protocol):
 
 
 Fence = Callable[[Session], bool]
-"""Inside the handling transaction: does this process still hold the partition?"""
+"""Inside the handling transaction: does this process still hold the partition? (It also
+makes the transaction one that a new holder of the partition ends before it starts.)"""
+
+Forward = Callable[[Delivery, Event, int], None]
+"""Publish a delivery to the queue of the partition its event belongs to (confirmed); raise
+BrokerUnavailable when that fails."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +102,9 @@ class GroupProcessor:
     """Handles deliveries of one group: the same rules in the process form and in Celery.
 
     ``sleep(seconds)`` waits between attempts and returns False when the process is stopping
-    (the message is then given back to the broker instead of retried).
+    (the message is then given back to the broker instead of retried). ``forward`` sends an
+    ordered group's event found in another partition's queue to its own (a change of partition
+    count left it there); without it such an event is acknowledged without effect.
     """
 
     def __init__(
@@ -110,6 +117,7 @@ class GroupProcessor:
         sleep: Callable[[float], bool] | None = None,
         jitter: Callable[[], float] = random.random,
         on_outcome: Callable[[str], None] | None = None,
+        forward: Forward | None = None,
     ) -> None:
         self.group = group
         self.engine = engine
@@ -120,6 +128,7 @@ class GroupProcessor:
         self._sleep = sleep or _plain_sleep
         self._jitter = jitter
         self._on_outcome = on_outcome
+        self._forward = forward
 
     def process(
         self, delivery: Delivery, *, partition: int | None = None, fence: Fence | None = None
@@ -139,6 +148,8 @@ class GroupProcessor:
         if partition is not None and self.group.ordered:
             mine = self.group.partition_of(event.aggregate_type, event.aggregate_id)
             if mine != partition:
+                if self._forward is not None:
+                    self._forward(delivery, event, mine)
                 delivery.ack()
                 return self.record_outcome(OTHER_PARTITION, event)
         replayed = truthy(delivery.headers.get(H_CONSUMER_REPLAYED))

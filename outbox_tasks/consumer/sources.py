@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from outbox_tasks.broker import (
     as_bytes,
@@ -33,10 +34,17 @@ class _Source(Protocol):
     def open(self, queue: str, partition: int | None) -> None: ...
     def close_queue(self, queue: str) -> None: ...
     def drain(self, timeout: float) -> None: ...
+    def abandon(self) -> None: ...
     def shutdown(self) -> None: ...
 
 
 OnDelivery = Callable[[Delivery, int | None], None]
+Gate = Callable[[], bool]
+"""May this process read a message now (it still owns what it reads from)?"""
+
+
+def _always() -> bool:
+    return True
 
 
 class AmqpSource:
@@ -53,7 +61,9 @@ class AmqpSource:
         self._queues: dict[str, Any] = {}
 
     def connect(self) -> None:
-        conn: Any = connection(self.url, connect_timeout=self.timeout)
+        # Every wait on the socket has a deadline (reads outside drain_events, writes).
+        options = {"read_timeout": self.timeout, "write_timeout": self.timeout}
+        conn: Any = connection(self.url, connect_timeout=self.timeout, transport_options=options)
         self._conn = conn
         conn.ensure_connection(max_retries=0)
 
@@ -98,11 +108,25 @@ class AmqpSource:
         with contextlib.suppress(TimeoutError):
             self._conn.drain_events(timeout=timeout)
 
+    def abandon(self) -> None:
+        """From any thread: shut the connection's socket down. The broker sees the connection
+        close and requeues every unacknowledged message at once; the owner's next call fails."""
+        with contextlib.suppress(Exception):
+            self._conn.connection.transport.sock.shutdown(socket.SHUT_RDWR)
+
     def shutdown(self) -> None:
         conn, self._conn = self._conn, None
         self._open.clear()
         if conn is not None:
             release(conn, self.timeout)
+
+
+# KEYS: in-flight list, queue; ARGV: the item, the item marked redelivered.
+_REQUEUE: Final = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[2])
+end
+"""
 
 
 class RedisSource:
@@ -115,15 +139,26 @@ class RedisSource:
     owner is known to be gone (PostgreSQL advisory lock free).
     """
 
-    def __init__(self, url: str, group: ConsumerGroup, on_delivery: OnDelivery, timeout: float):
+    def __init__(
+        self,
+        url: str,
+        group: ConsumerGroup,
+        on_delivery: OnDelivery,
+        timeout: float,
+        gate: Gate = _always,
+    ):
         self.url = url
         self.group = group
         self.on_delivery = on_delivery
         self.timeout = timeout
+        self.gate = gate
         self.instance: int | None = None
         self._client: Any = None
+        self._requeue: Any = None
         self._open: dict[str, tuple[str, int | None]] = {}
         self._turn = 0
+        # Set by abandon(): the lists now belong to whoever takes over; touch nothing.
+        self._abandoned = False
 
     def inflight_key(self, queue: str, partition: int | None) -> str:
         if partition is not None:
@@ -141,6 +176,7 @@ class RedisSource:
             self.url, socket_timeout=self.timeout + 5, socket_connect_timeout=self.timeout
         )
         self._client = client
+        self._requeue = client.register_script(_REQUEUE)
         client.ping()
 
     def declare(self, queues: Sequence[Any]) -> None:
@@ -195,7 +231,7 @@ class RedisSource:
 
     def drain(self, timeout: float) -> None:
         queues = list(self._open.items())
-        if not queues:
+        if not queues or self._abandoned or not self.gate():
             time.sleep(timeout)
             return
         count = len(queues)
@@ -216,29 +252,37 @@ class RedisSource:
     def _dispatch(self, item: bytes, queue: str, inflight: str, partition: int | None) -> None:
         body, headers, redelivered, message_id = decode_redis_item(item)
         client = self._client
+        script = self._requeue
 
         def ack() -> None:
-            client.lrem(inflight, 1, item)
+            if not self._abandoned:
+                client.lrem(inflight, 1, item)
 
         def requeue() -> None:
-            with client.pipeline(transaction=True) as pipe:
-                pipe.lrem(inflight, 1, item)
-                pipe.rpush(queue, mark_redelivered(item))
-                pipe.execute()
+            # Back to the front only if still ours in flight (a new holder may have restored
+            # it already): never a second copy ahead of what the new holder handles.
+            if not self._abandoned:
+                script(keys=[inflight, queue], args=[item, mark_redelivered(item)])
 
         self.on_delivery(
             Delivery(body, headers, redelivered, ack, requeue, message_id=message_id), partition
         )
+
+    def abandon(self) -> None:
+        """From any thread: stop reading, acknowledging and restoring. Messages left in flight
+        are restored by whoever takes the partition (or reclaims this instance) over."""
+        self._abandoned = True
 
     def shutdown(self) -> None:
         client = self._client
         if client is None:
             return
         try:
-            for queue in list(self._open):
-                self.close_queue(queue)
-            if self.instance is not None:
-                client.srem(self.instances_key, str(self.instance))
+            if not self._abandoned:  # else the lists wait for whoever takes over
+                for queue in list(self._open):
+                    self.close_queue(queue)
+                if self.instance is not None:
+                    client.srem(self.instances_key, str(self.instance))
         except Exception:  # broker gone: whoever takes over restores the in-flight list
             pass
         finally:

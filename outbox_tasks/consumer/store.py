@@ -6,11 +6,14 @@ Two kinds of connection are used:
   and the fence, all inside the handling transaction of :mod:`.processing` or the operator
   calls of :mod:`.admin`;
 * one raw psycopg autocommit connection per consumer process, for the session-level advisory
-  locks of :mod:`.locks` (they must live exactly as long as that connection). These functions
-  raise ``psycopg.Error``; :class:`~outbox_tasks.consumer.locks.Locks` translates it.
+  locks of :mod:`.locks` (they must live exactly as long as that connection), its heartbeat and
+  the eviction of silent members. These functions raise ``psycopg.Error``;
+  :class:`~outbox_tasks.consumer.locks.Locks` translates it.
 
 Tables: ``outbox_consumer_receipt`` (group, event id) and ``outbox_consumer_position`` (group,
-aggregate type, aggregate id -> high-water mark and parking state); see DESIGN 6.
+aggregate type, aggregate id -> high-water mark and parking state); see DESIGN 6. An ordered
+group's partition count is recorded in ``outbox_consumer_position`` too, in a row whose
+aggregate type and id are empty (no event has those: the envelope requires both).
 """
 
 from __future__ import annotations
@@ -207,10 +210,15 @@ def unpark_aggregate(
 # A group's locks are (group key, n), taken with the two-int4 form: in pg_locks classid is the
 # key, objid is n and objsubid is 2.
 
+# The fence first takes the partition's fence lock (key, fence) in shared mode for the rest of
+# the transaction (CASE evaluates in order), then checks that our lock session still holds the
+# partition: whoever takes the partition over terminates the sessions holding its fence lock,
+# so a transaction that passed this check either commits before the takeover or not at all.
 _FENCE = text(
-    "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = :pid "
+    "SELECT CASE WHEN pg_try_advisory_xact_lock_shared(CAST(:key AS int4), CAST(:fence AS int4)) "
+    "THEN EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = :pid "
     "AND classid::bigint = :key AND objid::bigint = :n AND objsubid = 2 "
-    "AND mode = 'ExclusiveLock' AND granted)"
+    "AND mode = 'ExclusiveLock' AND granted) ELSE false END"
 )
 _BACKEND_PID = "SELECT pg_backend_pid()"
 _LOCKED_OFFSETS = (
@@ -225,6 +233,35 @@ _HOLDERS = (
 )
 _TRY_LOCK = "SELECT pg_try_advisory_lock(%s::int4, %s::int4)"
 _UNLOCK = "SELECT pg_advisory_unlock(%s::int4, %s::int4)"
+_HEARTBEAT = "SELECT 1"
+# Sessions holding one of the group's locks (except fence locks, held by handling transactions)
+# that are not running a statement and have not finished one for ``stale`` seconds: their
+# process stopped talking to PostgreSQL (killed without a FIN, cut off, frozen). Terminated,
+# waiting up to ``wait`` ms for each to end, which frees its locks. A session of another role
+# shows no state to us (NULL): never evicted.
+_EVICT_STALE = (
+    "SELECT s.pid FROM (SELECT DISTINCT l.pid FROM pg_locks l "
+    "JOIN pg_stat_activity a ON a.pid = l.pid "
+    "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 "
+    "AND l.classid::bigint = %s AND NOT l.objid::bigint BETWEEN %s AND %s "
+    "AND l.pid <> pg_backend_pid() AND a.state <> 'active' "
+    "AND a.state_change < clock_timestamp() - %s * interval '1 second') AS s "
+    "WHERE pg_terminate_backend(s.pid, %s)"
+)
+_TERMINATE_HOLDERS = (
+    "SELECT count(*) FROM (SELECT DISTINCT pid FROM pg_locks WHERE locktype = 'advisory' "
+    "AND classid::bigint = %s AND objid::bigint = %s AND objsubid = 2 "
+    "AND pid <> pg_backend_pid()) AS h WHERE pg_terminate_backend(h.pid, %s)"
+)
+_SELECT_LAYOUT = (
+    "SELECT last_sequence FROM outbox_consumer_position "
+    "WHERE consumer_group = %s AND aggregate_type = '' AND aggregate_id = ''"
+)
+_RECORD_LAYOUT = (
+    "INSERT INTO outbox_consumer_position (consumer_group, aggregate_type, aggregate_id, "
+    "last_sequence) VALUES (%s, '', '', %s) ON CONFLICT (consumer_group, aggregate_type, "
+    "aggregate_id) DO UPDATE SET last_sequence = excluded.last_sequence, updated_at = now()"
+)
 
 
 def _one(conn: Any, sql: str, *params: int) -> Any:
@@ -232,9 +269,10 @@ def _one(conn: Any, sql: str, *params: int) -> Any:
     return None if row is None else row[0]
 
 
-def holds_lock(session: Session, *, pid: int, key: int, n: int) -> bool:
-    """Inside a transaction: does backend ``pid`` hold the exclusive lock (key, n)?"""
-    params = {"pid": pid, "key": key, "n": n}
+def holds_lock(session: Session, *, pid: int, key: int, n: int, fence: int) -> bool:
+    """Inside a transaction: take lock (key, fence) shared until the transaction ends, then:
+    does backend ``pid`` hold the exclusive lock (key, n)?"""
+    params = {"pid": pid, "key": key, "n": n, "fence": fence}
     return bool(session.execute(_FENCE, params).scalar())
 
 
@@ -267,3 +305,33 @@ def try_lock(conn: Any, key: int, n: int) -> bool:
 def unlock(conn: Any, key: int, n: int) -> None:
     """Release one hold of lock (key, n) by this connection."""
     _one(conn, _UNLOCK, key, n)
+
+
+def heartbeat(conn: Any) -> None:
+    """A round trip that shows this session alive (``pg_stat_activity.state_change``)."""
+    _one(conn, _HEARTBEAT)
+
+
+def evict_stale(
+    conn: Any, key: int, *, spare_low: int, spare_high: int, stale_seconds: float, wait_ms: int
+) -> list[int]:
+    """Terminate the other sessions holding a lock (key, n), ``n`` outside
+    ``[spare_low, spare_high]``, that have been idle for ``stale_seconds``; their pids."""
+    params = (key, spare_low, spare_high, stale_seconds, wait_ms)
+    return [int(row[0]) for row in conn.execute(_EVICT_STALE, params).fetchall()]
+
+
+def terminate_holders(conn: Any, key: int, n: int, *, wait_ms: int) -> int:
+    """Terminate every other session holding lock (key, n) in any mode; how many."""
+    return int(_one(conn, _TERMINATE_HOLDERS, key, n, wait_ms))
+
+
+def select_layout(conn: Any, group: str) -> int | None:
+    """The partition count the group's queues were last bound for (None: never recorded)."""
+    row = conn.execute(_SELECT_LAYOUT, (group,)).fetchone()
+    return None if row is None else int(row[0])
+
+
+def record_layout(conn: Any, group: str, partitions: int) -> None:
+    """Record the partition count the group's queues are bound for."""
+    conn.execute(_RECORD_LAYOUT, (group, partitions))

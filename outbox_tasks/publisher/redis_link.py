@@ -2,10 +2,18 @@
 
 One SMEMBERS of the binding table, then every LPUSH of the batch in one pipeline; the wire
 format is kombu's, byte for byte, so kombu consumers cannot tell the difference.
+
+kombu's Redis transport emulates direct, topic and fanout exchanges only (no headers exchange,
+no ``BCC``): a message is matched against the bindings with its routing key alone. Ordered
+consumer groups bind their partition queues to slot ranges with patterns over the slot routing
+key (``outbox.envelope.slot_routing_key``), so this link also matches each message's slot key
+against those bindings, as RabbitMQ does with the ``BCC`` header: each event reaches one queue
+of each ordered group.
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -14,7 +22,14 @@ from kombu.entity import Exchange
 from kombu.utils.json import dumps
 
 from outbox_tasks.broker import PERSISTENT
-from outbox_tasks.envelope import CONTENT_ENCODING, CONTENT_TYPE, OutboundMessage
+from outbox_tasks.envelope import (
+    CONTENT_ENCODING,
+    CONTENT_TYPE,
+    SLOT_ROUTE,
+    OutboundMessage,
+    parse_slot_binding,
+    slot_routing_key,
+)
 from outbox_tasks.publisher.results import BatchResult, encoding_failure
 
 __all__ = ["RedisLink"]
@@ -56,9 +71,17 @@ class RedisLink:
         router = channel.typeof(exchange)
         deadletter = channel.deadletter_queue
         # The one read of the binding table for the whole batch (kombu does it per message).
+        # Slot bindings (ordered groups) are matched with the slot key, the others with the
+        # routing key; a batch without slot bindings pays nothing for them.
         table = channel.get_table(exchange)
+        slot_prefix = f"{SLOT_ROUTE}."
+        slotted = [entry for entry in table if entry[0].startswith(slot_prefix)]
+        plain = (
+            [entry for entry in table if not entry[0].startswith(slot_prefix)] if slotted else table
+        )
+        slot_routes = _SlotRoutes(router, slotted) if slotted else None
         # Every message is sent with the default priority, so its list keys depend on the
-        # routing key only: computed once per routing key per batch.
+        # routing key (and slot key) only: computed once per key per batch.
         priority = channel.default_priority
         routes: dict[str, list[str]] = {}
         # kombu draws a uuid4 per message for the delivery tag; one per batch plus the index
@@ -75,15 +98,19 @@ class RedisLink:
             if message.aggregate_key in dead:
                 skipped.append(message.event_id)
                 continue
-            keys = routes.get(message.routing_key)
+            by_slot = slot_routes is not None and message.slot is not None
+            route = message.slot_key if by_slot else message.routing_key
+            keys = routes.get(route)
             if keys is None:
-                matched = router.lookup(table, exchange, message.routing_key, None)
+                matched = router.lookup(plain, exchange, message.routing_key, None)
+                if slot_routes is not None and message.slot is not None:
+                    matched = matched | slot_routes.match(message.slot, message.routing_key)
                 # Unlike kombu, never fall back to the ``ae.undeliver`` queue: nobody reads it.
                 keys = [
                     channel._q_for_pri(q, priority)
                     for q in sorted(q for q in matched if q and q != deadletter)
                 ]
-                routes[message.routing_key] = keys
+                routes[route] = keys
             try:
                 payload = _kombu_payload(
                     channel, exchange, message, f"{tag_prefix}.{index}", priority
@@ -107,6 +134,41 @@ class RedisLink:
                     pipe.lpush(key, *payloads)
                 pipe.execute()
         return BatchResult(published, failed, skipped, unroutable)
+
+
+class _SlotRoutes:
+    """The slot bindings of one batch's table, matched by range and routing key: a block of
+    slots is an integer test, and each pattern meets each routing key once (kombu would run
+    every binding's regular expression against every slot key)."""
+
+    def __init__(self, router: Any, slotted: Sequence[tuple[str, str, str]]) -> None:
+        self._router = router
+        self._ranges: list[tuple[int, int, re.Pattern[str], str]] = []
+        self._odd: list[tuple[str, str, str]] = []  # an outbox-slot binding of another shape
+        for entry in slotted:
+            parsed = parse_slot_binding(entry[0])
+            if parsed is None:
+                self._odd.append(entry)
+            else:
+                lo, hi, pattern = parsed
+                regex = re.compile(router.key_to_pattern(pattern))
+                self._ranges.append((lo, hi, regex, entry[2]))
+        self._matches: dict[tuple[re.Pattern[str], str], bool] = {}
+
+    def match(self, slot: int, routing_key: str) -> set[str]:
+        queues = set()
+        for lo, hi, regex, queue in self._ranges:
+            if lo <= slot < hi:
+                known = self._matches.get((regex, routing_key))
+                if known is None:
+                    known = self._matches[(regex, routing_key)] = bool(regex.match(routing_key))
+                if known:
+                    queues.add(queue)
+        if self._odd:
+            queues |= self._router.lookup(
+                self._odd, None, slot_routing_key(slot, routing_key), None
+            )
+        return queues
 
 
 def _kombu_payload(

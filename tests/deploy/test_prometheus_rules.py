@@ -46,6 +46,7 @@ RUNBOOK_TOPICS = {
     "high-pending-message-count",
     "publisher-not-running",
     "consumer-lag",
+    "stuck-consumer-partition",
     "failed-message-investigation",
     "dead-letters-and-replay",
     "bloat",

@@ -36,12 +36,14 @@ from outbox_tasks.consumer import (
     OTHER_PARTITION,
     PARKED,
     STALE,
+    BrokerWriter,
     Consumer,
     ConsumerGroup,
     Event,
     EventHandler,
     Lag,
     declare_topology,
+    kombu_queues,
     lag,
     parked_aggregates,
     replay_dead_letters,
@@ -249,23 +251,73 @@ def test_an_event_behind_the_high_water_mark_is_never_applied_but_set_aside(env:
         ]
 
 
-def test_an_ordered_group_handles_only_its_partitions_events_in_each_partition_queue(
-    amqp_env: Env,
-) -> None:
-    env = amqp_env
-    group = env.group(partitions=2)
+def test_each_event_of_an_ordered_group_reaches_exactly_one_partition_queue(env: Env) -> None:
+    group = env.group(partitions=4)
     declare_topology(group, settings=env.settings)
-    events = [message(f"o-{n}", n + 1) for n in range(10)]
-    with cleaned_up(env.settings, [(group.name, 2)]):
+    events = [message(f"o-{n}", n + 1) for n in range(40)]
+    with cleaned_up(env.settings, [(group.name, 4)]):
         publish(env.settings, events)
+        # Broker messages per event: 1 (the four queues together hold 40 messages).
+        assert lag(group, settings=env.settings, peek=False).messages == len(events)
         with running(env.consumer(group)) as consumer:
-            wait_settled(consumer, 20)  # every event reaches both partition queues
+            wait_settled(consumer, len(events))
+            assert consumer.held_partitions == frozenset(range(4))
 
-        assert consumer.outcomes == {HANDLED: 10, OTHER_PARTITION: 10}
+        # No event was found in another partition's queue.
+        assert consumer.outcomes == {HANDLED: 40}
         assert consumer.held_partitions == frozenset()  # released on stop
         assert sorted(row.aggregate_id for row in effects(env.engine)) == sorted(
-            f"o-{n}" for n in range(10)
+            f"o-{n}" for n in range(40)
         )
+
+
+def test_an_event_found_in_another_partitions_queue_is_forwarded_to_its_own(env: Env) -> None:
+    group = env.group(partitions=2)
+    declare_topology(group, settings=env.settings)
+    stray = next(
+        m
+        for n in range(100)
+        if group.partition_of("Order", (m := message(f"o-{n}", 1)).aggregate_id) == 1
+    )
+    writer = BrokerWriter(env.settings.effective_publish_url, 10.0)
+    queues = {q.name: q for q in kombu_queues(group, env.settings.exchange, env.kind == "amqp")}
+    with cleaned_up(env.settings, [(group.name, 2)]):
+        # Left in partition 0's queue by a change of partition count.
+        writer.send(
+            group.partition_queue(0),
+            stray.body,
+            stray.headers,
+            stray.event_id,
+            declare=queues[group.partition_queue(0)],
+        )
+        writer.close()
+        with running(env.consumer(group)) as consumer:
+            wait_settled(consumer, 2)
+
+        assert consumer.outcomes == {OTHER_PARTITION: 1, HANDLED: 1}
+        assert [str(row.event_id) for row in effects(env.engine)] == [stray.event_id]
+
+
+def test_a_group_started_with_another_partition_count_rebinds_its_queues_when_they_are_empty(
+    env: Env,
+) -> None:
+    two = env.group(partitions=2)
+    three = replace(two, partitions=3)
+    with cleaned_up(env.settings, [(two.name, 2), (two.name, 3)]):
+        with running(env.consumer(two)):
+            pass
+        publish(env.settings, [message("o-1", 1)])
+        # A message routed for two partitions waits: three would read it from the wrong queue.
+        with pytest.raises(ConfigurationError, match="partitions=2"):
+            env.consumer(three).run()
+        with running(env.consumer(two)) as consumer:
+            wait_settled(consumer, 1)
+        with running(env.consumer(three)) as consumer:
+            events = [message(f"o-{n}", 2) for n in range(30)]
+            publish(env.settings, events)
+            wait_settled(consumer, len(events))
+            assert consumer.outcomes == {HANDLED: len(events)}  # one queue each, the right one
+        assert lag(three, settings=env.settings, peek=False).messages == 0
 
 
 def test_a_partition_queue_left_in_flight_on_redis_is_restored_first_by_the_next_holder(
@@ -392,9 +444,8 @@ def test_an_ordered_group_dead_letters_after_the_limit_and_parks_the_aggregate(e
     with cleaned_up(env.settings, [(group.name, 2)]):
         publish(env.settings, events)
         with running(env.consumer(group)) as consumer:
-            wait_settled(consumer, 10)
-            outcomes = {k: v for k, v in consumer.outcomes.items() if k != OTHER_PARTITION}
-            assert outcomes == {HANDLED: 3, DEAD_LETTERED: 1, PARKED: 1}
+            wait_settled(consumer, 5)
+            assert consumer.outcomes == {HANDLED: 3, DEAD_LETTERED: 1, PARKED: 1}
             assert sorted((r.aggregate_id, r.sequence) for r in effects(env.engine)) == [
                 ("A", 1),
                 ("B", 3),
@@ -414,10 +465,10 @@ def test_an_ordered_group_dead_letters_after_the_limit_and_parks_the_aggregate(e
             assert unpark(group, "Order", "A", engine=env.engine) is True
             assert unpark(group, "Order", "A", engine=env.engine) is False
             publish(env.settings, [message("A", 6)])
-            wait_settled(consumer, 12)
+            wait_settled(consumer, 6)
             # A replay of the skipped events is now stale: order is never broken.
             assert replay_dead_letters(group, settings=env.settings) == 2
-            wait_settled(consumer, 14)
+            wait_settled(consumer, 8)
 
         assert parked_aggregates(group, engine=env.engine) == []
         assert [r.sequence for r in effects(env.engine) if r.aggregate_id == "A"] == [1, 6]
@@ -433,18 +484,18 @@ def test_a_replay_after_the_fix_handles_the_parked_events_in_order_and_resumes_t
     with cleaned_up(env.settings, [(group.name, 2)]):
         publish(env.settings, events)
         with running(env.consumer(group)) as consumer:
-            wait_settled(consumer, 10)
+            wait_settled(consumer, 5)
             assert len(parked_aggregates(group, engine=env.engine)) == 1
             publish(env.settings, [message("A", 6)])  # still parked: follows to the DLQ
-            wait_settled(consumer, 12)
+            wait_settled(consumer, 6)
             assert consumer.outcomes[PARKED] == 2
 
             switch.broken = False  # the fix is deployed
             assert replay_dead_letters(group, settings=env.settings) == 3
-            wait_settled(consumer, 15)
+            wait_settled(consumer, 9)
             assert parked_aggregates(group, engine=env.engine) == []
             publish(env.settings, [message("A", 7)])
-            wait_settled(consumer, 17)
+            wait_settled(consumer, 10)
 
         assert [r.sequence for r in effects(env.engine) if r.aggregate_id == "A"] == [
             1,
@@ -476,7 +527,7 @@ def test_lag_reports_queue_depth_and_the_age_of_the_oldest_message(env: Env) -> 
         assert depth == 5
         assert age is not None and 59 <= age < 120
         ordered_depth, ordered_age = lag(ordered, settings=env.settings)
-        assert ordered_depth == 10  # each event waits in both partition queues
+        assert ordered_depth == 5  # each event waits in one partition queue
         assert ordered_age is not None and ordered_age >= 59
         assert lag(group, settings=env.settings, peek=False).messages == 5
         # The peek left the messages where they were.

@@ -7,13 +7,19 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import pytest
+
 from outbox_tasks.envelope import (
     CONTENT_TYPE,
     RESERVED_HEADERS,
     OutboundMessage,
     build_message,
+    parse_slot_binding,
     routing_key,
+    slot_binding_pattern,
+    slot_routing_key,
 )
+from outbox_tasks.partitioning import SLOT_COUNT, aligned_blocks, slot_of, slot_range
 
 EVENT_ID = uuid.UUID("0b7e8c3c-6f41-4a57-9a53-3a4d2c1e9f00")
 OCCURRED_AT = datetime(2024, 5, 17, 12, 30, 45, 123456, tzinfo=UTC)
@@ -42,6 +48,7 @@ OUTBOX_HEADERS = {
     "outbox-attempt",
     "outbox-redelivered",
 }
+ROUTING_HEADERS = {"BCC"}  # RabbitMQ's extra routing keys, removed before delivery
 
 
 def _build(**changes: Any) -> OutboundMessage:
@@ -187,11 +194,11 @@ def test_user_headers_travel_with_the_message() -> None:
 
     assert headers["traceparent"] == "00-abc-def-01"
     assert headers["tenant"] == "acme"
-    assert len(headers) == len(OUTBOX_HEADERS) + 2
+    assert len(headers) == len(OUTBOX_HEADERS) + len(ROUTING_HEADERS) + 2
 
 
 def test_a_user_header_cannot_shadow_an_outbox_header() -> None:
-    forged = {name: "forged" for name in OUTBOX_HEADERS}
+    forged: dict[str, Any] = {name: "forged" for name in OUTBOX_HEADERS}
 
     headers = _build(user_headers={**forged, "tenant": "acme"}).headers
 
@@ -201,9 +208,9 @@ def test_a_user_header_cannot_shadow_an_outbox_header() -> None:
     assert headers["tenant"] == "acme"
 
 
-def test_no_user_headers_gives_only_the_outbox_headers() -> None:
-    assert set(_build(user_headers=None).headers) == OUTBOX_HEADERS
-    assert set(_build(user_headers={}).headers) == OUTBOX_HEADERS
+def test_no_user_headers_gives_only_the_outbox_headers_and_the_slot_route() -> None:
+    assert set(_build(user_headers=None).headers) == OUTBOX_HEADERS | ROUTING_HEADERS
+    assert set(_build(user_headers={}).headers) == OUTBOX_HEADERS | ROUTING_HEADERS
 
 
 def test_the_routing_key_is_aggregate_type_dot_event_type() -> None:
@@ -220,3 +227,64 @@ def test_the_message_exposes_its_identity_and_ordering_key() -> None:
     assert message.sequence == 1234
     assert message.aggregate_key == ("Order", "42")
     assert CONTENT_TYPE == "application/json"
+
+
+def test_the_slot_routing_key_spells_the_slot_in_ten_bits_before_the_routing_key() -> None:
+    message = _build(slot=5)
+
+    assert message.slot_key == "outbox-slot.0.0.0.0.0.0.0.1.0.1.Order.OrderCreated"
+    assert message.headers["BCC"] == [message.slot_key]
+    assert slot_routing_key(1023, "A.B") == "outbox-slot." + ".".join("1" * 10) + ".A.B"
+
+
+def test_a_producers_own_routing_headers_follow_the_slot_routing_key() -> None:
+    headers = _build(user_headers={"CC": ["Audit.All"], "BCC": ["Audit.Secret"]}).headers
+
+    assert headers["CC"] == ["Audit.All"]
+    assert headers["BCC"] == [
+        slot_routing_key(slot_of("Order", "42"), "Order.OrderCreated"),
+        "Audit.Secret",
+    ]
+
+
+def test_without_a_slot_the_message_is_routed_by_its_aggregates_slot() -> None:
+    message = _build(aggregate_type="Invoice", aggregate_id="7")
+
+    assert message.slot_key == slot_routing_key(slot_of("Invoice", "7"), "Invoice.OrderCreated")
+
+
+def _topic_match(pattern: str, key: str) -> bool:
+    """AMQP topic matching for patterns made of words and ``*`` (no ``#``)."""
+    words, parts = pattern.split("."), key.split(".")
+    return len(words) == len(parts) and all(
+        w in ("*", p) for w, p in zip(words, parts, strict=True)
+    )
+
+
+@pytest.mark.parametrize("partitions", [1, 2, 3, 7, 8, 100, 1024])
+def test_slot_binding_patterns_of_a_partition_match_exactly_its_slots(partitions: int) -> None:
+    for partition in range(partitions):
+        lo, hi = slot_range(partition, partitions)
+        patterns = [slot_binding_pattern(s, b, "Order.*") for s, b in aligned_blocks(lo, hi)]
+        matched = {
+            slot
+            for slot in range(SLOT_COUNT)
+            if any(_topic_match(p, slot_routing_key(slot, "Order.Placed")) for p in patterns)
+        }
+
+        assert matched == set(range(lo, hi))
+        assert len(patterns) <= 18
+
+
+def test_a_slot_binding_pattern_needs_an_aligned_block() -> None:
+    with pytest.raises(ValueError):
+        slot_binding_pattern(3, 2, "#")
+    assert slot_binding_pattern(0, 10, "#") == "outbox-slot." + ".".join("*" * 10) + ".#"
+
+
+def test_a_slot_binding_pattern_parses_back_to_its_slots_and_routing_pattern() -> None:
+    assert parse_slot_binding(slot_binding_pattern(256, 8, "Order.*")) == (256, 512, "Order.*")
+    assert parse_slot_binding(slot_binding_pattern(0, 10, "#.Paid")) == (0, 1024, "#.Paid")
+    assert parse_slot_binding(slot_binding_pattern(341, 0, "A.b.c")) == (341, 342, "A.b.c")
+    assert parse_slot_binding("Order.*") is None
+    assert parse_slot_binding("outbox-slot.*.1.*.*.*.*.*.*.*.*.Order.*") is None

@@ -9,6 +9,7 @@ import pytest
 
 from outbox_tasks.partitioning import (
     SLOT_COUNT,
+    aligned_blocks,
     partition_of,
     partition_of_aggregate,
     slot_of,
@@ -97,3 +98,22 @@ def test_partition_of_aggregate_is_the_partition_of_its_slot() -> None:
             assert partition_of_aggregate("Order", aggregate_id, partitions) == partition_of(
                 slot, partitions
             )
+
+
+@pytest.mark.parametrize("partitions", PARTITION_COUNTS, ids=lambda n: f"{n}-partitions")
+def test_aligned_blocks_cover_a_partitions_slots_exactly_with_aligned_power_of_two_blocks(
+    partitions: int,
+) -> None:
+    for partition in range(partitions):
+        lo, hi = slot_range(partition, partitions)
+        blocks = aligned_blocks(lo, hi)
+        covered = [s for start, bits in blocks for s in range(start, start + (1 << bits))]
+
+        assert covered == list(range(lo, hi))
+        assert all(start % (1 << bits) == 0 for start, bits in blocks)
+        assert len(blocks) <= 18
+
+
+def test_the_whole_slot_range_is_one_block() -> None:
+    assert aligned_blocks(0, SLOT_COUNT) == [(0, 10)]
+    assert aligned_blocks(5, 5) == []
