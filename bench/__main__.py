@@ -19,6 +19,7 @@ COMMANDS = {
     "baseline": ("bench.baseline", "the limit alone: psycopg + redis-py / py-amqp, no Celery"),
     "cleanup": ("bench.cleanup", "cleanup of published rows vs concurrent insert latency"),
     "producer": ("bench.producer", "what the per-aggregate counter costs producers, and its size"),
+    "scaling": ("bench.scaling", "idle cost per partition and process; throughput against both"),
 }
 
 
