@@ -183,14 +183,13 @@ class Deadlines:
                 self._lock.wait(None if self._wake_at == math.inf else self._wake_at - now)
 
 
-def _close_if_busy(connection: psycopg.Connection[Any], armed: _Armed) -> None:
-    """Shut the socket down (not close: the fd stays the owner's, so it cannot be reused under
-    it) if a command is still in progress; the owner's wait then fails at once."""
+def shut_down(connection: Any) -> None:
+    """Shut a psycopg connection's socket down (not close: the descriptor stays its owner's, so
+    it cannot be reused under it); a call waiting on it fails at once. Any thread; a connection
+    already closed is left alone."""
     try:
-        if connection.closed or connection.info.transaction_status != TransactionStatus.ACTIVE:
-            return
         duplicate = socket.socket(fileno=os.dup(connection.fileno()))
-    except (OSError, psycopg.Error):
+    except Exception:  # already closed
         return
     try:
         duplicate.shutdown(socket.SHUT_RDWR)
@@ -198,6 +197,16 @@ def _close_if_busy(connection: psycopg.Connection[Any], armed: _Armed) -> None:
         pass
     finally:
         duplicate.close()
+
+
+def _close_if_busy(connection: psycopg.Connection[Any], armed: _Armed) -> None:
+    """Shut the socket down if a command is still in progress (see :func:`shut_down`)."""
+    try:
+        if connection.closed or connection.info.transaction_status != TransactionStatus.ACTIVE:
+            return
+    except psycopg.Error:
+        return
+    shut_down(connection)
     log_event(
         log,
         logging.WARNING,

@@ -29,7 +29,8 @@ from typing import Any
 from sqlalchemy import event as sa_event
 from sqlalchemy.engine import Engine
 
-from outbox_tasks.consumer.locks import Locks, shut_down
+from outbox_tasks.consumer.locks import Locks
+from outbox_tasks.db import shut_down
 from outbox_tasks.errors import ConfigurationError, describe_error
 from outbox_tasks.logs import event as log_event
 from outbox_tasks.logs import get_logger

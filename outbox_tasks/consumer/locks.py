@@ -10,8 +10,6 @@ with DatabaseUnavailable.
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 import zlib
 from collections.abc import Iterator
 from typing import Any, Final
@@ -21,6 +19,7 @@ from sqlalchemy.orm import Session
 from outbox_tasks.consumer import store
 from outbox_tasks.consumer.group import ConsumerGroup
 from outbox_tasks.consumer.processing import Fence
+from outbox_tasks.db import shut_down
 from outbox_tasks.errors import ConfigurationError, DatabaseUnavailable, describe_error
 from outbox_tasks.settings import SLOT_COUNT, Settings
 
@@ -178,18 +177,3 @@ class Locks:
             yield
         except psycopg.Error as error:
             raise DatabaseUnavailable(f"consumer locks: {what}: {describe_error(error)}") from error
-
-
-def shut_down(conn: Any) -> None:
-    """Shut a psycopg connection's socket down (not close: the descriptor stays its owner's, so
-    it cannot be reused under it); a call waiting on it fails at once. Any thread."""
-    try:
-        duplicate = socket.socket(fileno=os.dup(conn.fileno()))
-    except Exception:  # already closed
-        return
-    try:
-        duplicate.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        duplicate.close()
