@@ -81,54 +81,44 @@ def routing_key(aggregate_type: str, event_type: str) -> str:
 
 SLOT_ROUTE: Final = "outbox-slot"
 """First word of every slot routing key and slot binding pattern."""
-SLOT_DIGIT_BITS: Final = 5
-"""A slot is two words in a slot routing key: ``slot // 32`` and ``slot % 32``."""
-assert 1 << (2 * SLOT_DIGIT_BITS) == SLOT_COUNT
-SLOT_BLOCK_BITS: Final = (2 * SLOT_DIGIT_BITS, SLOT_DIGIT_BITS, 0)
-"""The blocks a slot binding pattern can match: all 1024 slots, 32 (one first word), one."""
-_DIGIT: Final = (1 << SLOT_DIGIT_BITS) - 1
+SLOT_BITS: Final = 10
+assert 1 << SLOT_BITS == SLOT_COUNT
+# Slot -> its bits as topic words, most significant first ("0.0.0.0.0.0.0.1.0.1" for 5).
+_SLOT_WORDS: Final = tuple(".".join(format(s, f"0{SLOT_BITS}b")) for s in range(SLOT_COUNT))
 
 
 def slot_routing_key(slot: int, routing_key: str) -> str:
-    """``outbox-slot.<slot // 32>.<slot % 32>.<routing key>``: the second key every event is
-    routed with, so a queue can be bound to a range of slots with topic patterns
-    (:func:`slot_binding_pattern`). Two words keep a broker's topic matching short. It travels
-    in the ``BCC`` header: RabbitMQ routes with it and removes the header before delivery; the
-    relay's Redis link routes with it itself (there the header stays in the message, unused)."""
-    return f"{SLOT_ROUTE}.{slot >> SLOT_DIGIT_BITS}.{slot & _DIGIT}.{routing_key}"
+    """``outbox-slot.<the slot's 10 bits, one word each>.<routing key>``: the second key every
+    event is routed with, so a queue can be bound to a range of slots with topic patterns
+    (:func:`slot_binding_pattern`). It travels in the ``BCC`` header: RabbitMQ routes with it
+    and removes the header before delivery; the relay's Redis link routes with it itself (there
+    the header stays in the message, unused)."""
+    return f"{SLOT_ROUTE}.{_SLOT_WORDS[slot]}.{routing_key}"
 
 
 def slot_binding_pattern(start: int, free_bits: int, pattern: str) -> str:
     """The topic pattern that matches the slot routing keys of the slots
-    ``[start, start + 2**free_bits)`` whose routing key matches ``pattern``; ``free_bits`` is
-    one of :data:`SLOT_BLOCK_BITS` and ``start`` a multiple of the block's size:
-    ``outbox-slot.8.*.Order.*`` is slots 256-287 of ``Order.*``.
-
-    Raises ValueError for any other block."""
-    if free_bits not in SLOT_BLOCK_BITS or start % (1 << free_bits) or not 0 <= start < SLOT_COUNT:
-        raise ValueError(f"slots {start}+2**{free_bits} are not a block of a slot binding")
-    high = "*" if free_bits > SLOT_DIGIT_BITS else str(start >> SLOT_DIGIT_BITS)
-    low = "*" if free_bits >= SLOT_DIGIT_BITS else str(start & _DIGIT)
-    return f"{SLOT_ROUTE}.{high}.{low}.{pattern}"
+    ``[start, start + 2**free_bits)`` (``start`` a multiple of that size) whose routing key
+    matches ``pattern``: ``outbox-slot.0.1.*.*.*.*.*.*.*.*.Order.*`` is slots 256-511 of
+    ``Order.*``."""
+    if not 0 <= free_bits <= SLOT_BITS or start % (1 << free_bits) or not 0 <= start < SLOT_COUNT:
+        raise ValueError(f"slots {start}+2**{free_bits} are not an aligned block")
+    fixed = _SLOT_WORDS[start].split(".")[: SLOT_BITS - free_bits]
+    return ".".join([SLOT_ROUTE, *fixed, *(["*"] * free_bits), pattern])
 
 
 def parse_slot_binding(pattern: str) -> tuple[int, int, str] | None:
     """The inverse of :func:`slot_binding_pattern`: ``(first slot, end slot, routing-key
     pattern)``, or None when ``pattern`` is not one."""
-    words = pattern.split(".", 3)
-    if len(words) != 4 or words[0] != SLOT_ROUTE:
+    words = pattern.split(".", SLOT_BITS + 1)
+    if len(words) != SLOT_BITS + 2 or words[0] != SLOT_ROUTE:
         return None
-    high, low, rest = words[1], words[2], words[3]
-    if high == "*" and low == "*":
-        return 0, SLOT_COUNT, rest
-    if not high.isdigit() or int(high) > _DIGIT:
+    bits = words[1 : SLOT_BITS + 1]
+    fixed = len(bits) - len([b for b in bits if b == "*"])
+    if any(b not in ("0", "1") for b in bits[:fixed]) or any(b != "*" for b in bits[fixed:]):
         return None
-    start = int(high) << SLOT_DIGIT_BITS
-    if low == "*":
-        return start, start + (1 << SLOT_DIGIT_BITS), rest
-    if not low.isdigit() or int(low) > _DIGIT:
-        return None
-    return start + int(low), start + int(low) + 1, rest
+    start = int("".join(bits[:fixed]) or "0", 2) << (SLOT_BITS - fixed)
+    return start, start + (1 << (SLOT_BITS - fixed)), words[-1]
 
 
 def build_message(

@@ -37,21 +37,18 @@ def partition_of_aggregate(aggregate_type: str, aggregate_id: str, partitions: i
     return partition_of(slot_of(aggregate_type, aggregate_id), partitions)
 
 
-def aligned_blocks(
-    lo: int, hi: int, sizes: tuple[int, ...] = tuple(range(10, -1, -1))
-) -> list[tuple[int, int]]:
-    """``[lo, hi)`` as the fewest blocks ``(start, bits)`` of ``2**bits`` slots each, ``bits``
-    one of ``sizes`` (0 must be one), every ``start`` a multiple of its block's size, in slot
-    order. With every size (the default) a range needs at most 2 blocks per bit."""
+def aligned_blocks(lo: int, hi: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` as the fewest blocks ``(start, free_bits)`` of ``2**free_bits`` slots each,
+    every ``start`` a multiple of its block's size, in slot order (at most 2 per bit: a range of
+    1024 slots needs at most 18 blocks). What a topic pattern over the slot's bits can match."""
     if not 0 <= lo <= hi <= SLOT_COUNT:
         raise ValueError(f"[{lo}, {hi}) is not a range of slots")
-    if 0 not in sizes:
-        raise ValueError("blocks of one slot (bits 0) are needed to cover any range")
-    largest_first = sorted(set(sizes), reverse=True)
     blocks: list[tuple[int, int]] = []
     start = lo
     while start < hi:
-        bits = next(b for b in largest_first if start % (1 << b) == 0 and start + (1 << b) <= hi)
+        bits = (start & -start).bit_length() - 1 if start else SLOT_COUNT.bit_length() - 1
+        while start + (1 << bits) > hi:
+            bits -= 1
         blocks.append((start, bits))
         start += 1 << bits
     return blocks

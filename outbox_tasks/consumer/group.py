@@ -12,7 +12,7 @@ from typing import Any, Final
 from sqlalchemy.orm import Session
 
 from outbox_tasks.consumer.events import Event, EventHandler
-from outbox_tasks.envelope import SLOT_BLOCK_BITS, slot_binding_pattern
+from outbox_tasks.envelope import slot_binding_pattern
 from outbox_tasks.errors import ConfigurationError
 from outbox_tasks.partitioning import aligned_blocks, partition_of, slot_of, slot_range
 from outbox_tasks.settings import SLOT_COUNT
@@ -154,9 +154,8 @@ class ConsumerGroup:
 
     def partition_bindings(self, partition: int) -> tuple[str, ...]:
         """The topic patterns partition queue ``partition`` is bound with: the group's patterns
-        over the slot routing keys of the partition's slot range (per pattern: 32 / N when N
-        divides 32, at most 62)."""
-        blocks = aligned_blocks(*slot_range(partition, self.partitions), SLOT_BLOCK_BITS)
+        over the slot routing keys of the partition's slot range (1 to 18 per pattern)."""
+        blocks = aligned_blocks(*slot_range(partition, self.partitions))
         return tuple(
             slot_binding_pattern(start, bits, pattern)
             for pattern in self.bindings

@@ -31,7 +31,6 @@ from outbox_tasks.envelope import (
     slot_routing_key,
 )
 from outbox_tasks.publisher.results import BatchResult, encoding_failure
-from outbox_tasks.settings import SLOT_COUNT
 
 __all__ = ["RedisLink"]
 
@@ -138,36 +137,33 @@ class RedisLink:
 
 
 class _SlotRoutes:
-    """The slot bindings of one batch's table, indexed by slot: a message meets only the
-    bindings of its own slot, and each pattern meets each routing key once (kombu would run
+    """The slot bindings of one batch's table, matched by range and routing key: a block of
+    slots is an integer test, and each pattern meets each routing key once (kombu would run
     every binding's regular expression against every slot key)."""
 
     def __init__(self, router: Any, slotted: Sequence[tuple[str, str, str]]) -> None:
         self._router = router
-        self._by_slot: list[list[tuple[re.Pattern[str], str]]] = [[] for _ in range(SLOT_COUNT)]
+        self._ranges: list[tuple[int, int, re.Pattern[str], str]] = []
         self._odd: list[tuple[str, str, str]] = []  # an outbox-slot binding of another shape
-        compiled: dict[str, re.Pattern[str]] = {}
         for entry in slotted:
             parsed = parse_slot_binding(entry[0])
             if parsed is None:
                 self._odd.append(entry)
-                continue
-            lo, hi, pattern = parsed
-            regex = compiled.get(pattern)
-            if regex is None:
-                regex = compiled[pattern] = re.compile(router.key_to_pattern(pattern))
-            for slot in range(lo, hi):
-                self._by_slot[slot].append((regex, entry[2]))
+            else:
+                lo, hi, pattern = parsed
+                regex = re.compile(router.key_to_pattern(pattern))
+                self._ranges.append((lo, hi, regex, entry[2]))
         self._matches: dict[tuple[re.Pattern[str], str], bool] = {}
 
     def match(self, slot: int, routing_key: str) -> set[str]:
         queues = set()
-        for regex, queue in self._by_slot[slot]:
-            known = self._matches.get((regex, routing_key))
-            if known is None:
-                known = self._matches[(regex, routing_key)] = bool(regex.match(routing_key))
-            if known:
-                queues.add(queue)
+        for lo, hi, regex, queue in self._ranges:
+            if lo <= slot < hi:
+                known = self._matches.get((regex, routing_key))
+                if known is None:
+                    known = self._matches[(regex, routing_key)] = bool(regex.match(routing_key))
+                if known:
+                    queues.add(queue)
         if self._odd:
             queues |= self._router.lookup(
                 self._odd, None, slot_routing_key(slot, routing_key), None

@@ -117,10 +117,3 @@ def test_aligned_blocks_cover_a_partitions_slots_exactly_with_aligned_power_of_t
 def test_the_whole_slot_range_is_one_block() -> None:
     assert aligned_blocks(0, SLOT_COUNT) == [(0, 10)]
     assert aligned_blocks(5, 5) == []
-
-
-def test_blocks_of_chosen_sizes_only() -> None:
-    singles = [(slot, 0) for slot in range(64, 70)]
-    assert aligned_blocks(30, 70, (10, 5, 0)) == [(30, 0), (31, 0), (32, 5), *singles]
-    with pytest.raises(ValueError):
-        aligned_blocks(0, 3, (5,))
