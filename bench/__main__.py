@@ -1,4 +1,4 @@
-"""``python -m bench <name> [options]``: throughput, latency, growth, baseline, cleanup,
+"""``python -m bench <name> [options]``: all, throughput, latency, growth, baseline, cleanup,
 producer, consumer.
 
 Each bench prints a markdown table to stdout (progress goes to stderr) and writes its JSON, with
@@ -12,6 +12,7 @@ import importlib
 import sys
 
 COMMANDS = {
+    "all": ("bench.suite", "every figure of the performance table, with ratios, in one run"),
     "throughput": ("bench.throughput", "outbox_tasks (real celery workers + beat) vs the limit"),
     "latency": ("bench.latency", "commit-to-arrival at a fixed producer rate, wake-up on/off"),
     "growth": ("bench.growth", "batch cost with millions of published rows in the table"),

@@ -27,7 +27,8 @@ import json
 import multiprocessing as mp
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -102,7 +103,15 @@ def _redis_process(job: dict[str, Any], ready: Any, go: Any, out: Any) -> None:
             batches += 1
         cpu, db = time.process_time() - cpu0, common.proc_cpu_seconds(backend) - db0
     client.close()
-    out.put({"pid": os.getpid(), "batches": batches, "cpu": cpu, "db_cpu": db})
+    out.put(
+        {
+            "pid": os.getpid(),
+            "batches": batches,
+            "cpu": cpu,
+            "db_cpu": db,
+            "memory": common.proc_memory_kib(os.getpid()),
+        }
+    )
 
 
 def _amqp_process(job: dict[str, Any], ready: Any, go: Any, out: Any) -> None:
@@ -165,8 +174,9 @@ def _amqp_process(job: dict[str, Any], ready: Any, go: Any, out: Any) -> None:
             conn.commit()
             batches += 1
         cpu, db = time.process_time() - cpu0, common.proc_cpu_seconds(backend) - db0
+    memory = common.proc_memory_kib(os.getpid())
     conn_k.release()
-    out.put({"pid": os.getpid(), "batches": batches, "cpu": cpu, "db_cpu": db})
+    out.put({"pid": os.getpid(), "batches": batches, "cpu": cpu, "db_cpu": db, "memory": memory})
 
 
 def run(
@@ -238,8 +248,73 @@ def run(
         "batches": sum(s["batches"] for s in stats),
         "cpu_us_per_msg": sum(s["cpu"] for s in stats) / events * 1e6 if stats else None,
         "db_cpu_us_per_msg": sum(s["db_cpu"] for s in stats) / events * 1e6 if stats else None,
+        "memory_mib": _memory_total([s["memory"] for s in stats]),
         "ok": t1 is not None and counted == events and left == 0,
     }
+
+
+def _memory_total(each: list[dict[str, int]]) -> dict[str, Any]:
+    return {
+        **{key: round(sum(m.get(key, 0) for m in each) / 1024, 1) for key in ("rss", "pss", "uss")},
+        "processes": len(each),
+    }
+
+
+# --- the limit for latency: LISTEN, then drain at once -----------------------------------------
+
+LATENCY_APPLICATION = "bench_limit"
+
+
+def _latency_process(job: dict[str, Any], ready: Any, stop: Any) -> None:
+    """Wait for the outbox trigger's NOTIFY (or ``poll`` seconds), then drain: CLAIM_SQL,
+    LPUSH every envelope in one pipeline, commit, until nothing is pending."""
+    import redis
+
+    client = redis.Redis.from_url(job["broker"])
+    client.ping()
+    queue, batch, poll = job["target"], job["batch"], job["poll"]
+    with (
+        psycopg.connect(job["db"], autocommit=True, application_name=LATENCY_APPLICATION) as lsn,
+        psycopg.connect(job["db"], application_name=LATENCY_APPLICATION) as conn,
+    ):
+        lsn.execute("LISTEN outbox_wakeup")
+        ready.put(os.getpid())
+        while not stop.is_set():
+            while True:
+                rows = conn.execute(CLAIM_SQL, {"limit": batch}).fetchall()
+                if not rows:
+                    conn.rollback()
+                    break
+                pipe = client.pipeline(transaction=False)
+                for row in rows:
+                    pipe.lpush(queue, envelope(row))
+                pipe.execute()
+                conn.commit()
+            for _ in lsn.notifies(timeout=poll, stop_after=1):
+                pass
+    client.close()
+
+
+@contextmanager
+def latency_relay(
+    url: str, redis_url: str, queue: str, *, batch: int = 500, poll: float = 1.0
+) -> Iterator[tuple[int, str]]:
+    """The limit's relay for the latency bench, LPUSHing envelopes to ``queue``; yields its
+    pid and the application name of its PostgreSQL connections while it runs."""
+    prepare_database(url)
+    ctx = mp.get_context("spawn")
+    ready, stop = ctx.Queue(), ctx.Event()
+    job = {"db": url, "broker": redis_url, "target": queue, "batch": batch, "poll": poll}
+    proc = ctx.Process(target=_latency_process, args=(job, ready, stop), daemon=True)
+    proc.start()
+    try:
+        pid = ready.get(timeout=60)
+        yield int(pid), LATENCY_APPLICATION
+    finally:
+        stop.set()
+        proc.join(10)
+        if proc.is_alive():
+            proc.kill()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,15 +40,18 @@ RESULTS_DIR = ROOT / "bench" / "results"
 AMQP_URL = services.AMQP_URL
 BROKERS = ("redis", "amqp")
 
-# The relay settings every bench uses unless told otherwise (printed with the results).
+# The relay settings every bench uses unless told otherwise (printed with the results): the
+# defaults a new user gets (OUTBOX_* unset), so the figures are what an installation sees.
+_DEFAULT = Settings()
 RELAY_DEFAULTS: dict[str, Any] = {
-    "batch_size": 1000,
-    "partitions": 8,
-    "poll_interval_seconds": 0.2,
-    "publish_task_seconds": 5.0,
-    "lease_seconds": 30.0,
-    "cleanup_mode": "retain",
-    "wakeup_enabled": True,
+    "batch_size": _DEFAULT.batch_size,
+    "partitions": _DEFAULT.partitions,
+    "poll_interval_seconds": _DEFAULT.poll_interval_seconds,
+    "publish_task_seconds": _DEFAULT.publish_task_seconds,
+    "lease_seconds": _DEFAULT.lease_seconds,
+    "cleanup_mode": _DEFAULT.cleanup_mode,
+    "wakeup_enabled": _DEFAULT.wakeup_enabled,
+    "wakeup_debounce_seconds": _DEFAULT.wakeup_debounce_seconds,
 }
 
 
@@ -197,6 +200,26 @@ def relay_settings(
     )
 
 
+def add_relay_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--batch-size``, ``--partitions``, ``--poll`` (defaults: a new installation's)."""
+    parser.add_argument("--batch-size", type=int, default=RELAY_DEFAULTS["batch_size"])
+    parser.add_argument("--partitions", type=int, default=RELAY_DEFAULTS["partitions"])
+    parser.add_argument(
+        "--poll",
+        type=float,
+        default=RELAY_DEFAULTS["poll_interval_seconds"],
+        help="OUTBOX_POLL_INTERVAL_SECONDS (the beat tick)",
+    )
+
+
+def relay_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "batch_size": args.batch_size,
+        "partitions": args.partitions,
+        "poll_interval_seconds": args.poll,
+    }
+
+
 def settings_summary(settings: Settings) -> dict[str, Any]:
     """The relay settings worth printing (no URLs)."""
     keys = (
@@ -316,6 +339,42 @@ def children(pid: int) -> list[int]:
 def tree_cpu_seconds(pid: int) -> float:
     """CPU of a process and its direct children (a celery worker and its pool)."""
     return proc_cpu_seconds(pid) + sum(proc_cpu_seconds(c) for c in children(pid))
+
+
+def proc_memory_kib(pid: int) -> dict[str, int]:
+    """Resident memory of one process in KiB: ``rss`` (every resident page, shared ones
+    included), ``pss`` (shared pages divided among the processes sharing them: what the process
+    really costs) and ``uss`` (its private pages). Empty when the process is gone."""
+    out: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key == "Rss":
+                    out["rss"] = int(rest.split()[0])
+                elif key == "Pss":
+                    out["pss"] = int(rest.split()[0])
+                elif key in ("Private_Clean", "Private_Dirty"):
+                    out["uss"] = out.get("uss", 0) + int(rest.split()[0])
+    except OSError:
+        return {}
+    return out
+
+
+def tree_memory_mib(pid: int) -> dict[str, Any]:
+    """Memory of a process and its direct children (a celery worker and its pool), in MiB:
+    the sums of ``rss``, ``pss`` and ``uss`` and each process's own figures."""
+    procs = {p: proc_memory_kib(p) for p in [pid, *children(pid)]}
+    procs = {p: m for p, m in procs.items() if m}
+    total = {
+        key: round(sum(m.get(key, 0) for m in procs.values()) / 1024, 1)
+        for key in ("rss", "pss", "uss")
+    }
+    return {
+        **total,
+        "processes": len(procs),
+        "each": {str(p): {k: round(v / 1024, 1) for k, v in m.items()} for p, m in procs.items()},
+    }
 
 
 def backend_cpu_seconds(database_url: str, application_prefix: str = "outbox_tasks") -> float:

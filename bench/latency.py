@@ -20,12 +20,14 @@ import multiprocessing as mp
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import psycopg
 
-from bench import common
+from bench import baseline, common
 from bench.common import BenchEnv, log
 
 INSERT_SQL = (
@@ -53,7 +55,14 @@ def _redis_consumer(url: str, queue: str, ready: Any, stop: Any, out: Any) -> No
             at = time.time()
             got.extend((raw, at) for raw in more)
     client.close()
-    out.put([(json.loads(raw)["headers"]["outbox-event-id"], at) for raw, at in got])
+    out.put([(_event_id(raw), at) for raw, at in got])
+
+
+def _event_id(raw: bytes) -> str:
+    """The event id of a kombu message (outbox_tasks) or of a bare envelope (the limit)."""
+    doc = json.loads(raw)
+    headers = doc.get("headers")
+    return str(headers["outbox-event-id"] if headers else doc["id"])
 
 
 def _amqp_consumer(url: str, queue: str, ready: Any, stop: Any, out: Any) -> None:
@@ -139,6 +148,28 @@ def _sample_pending(url: str, stop: threading.Event, samples: list[tuple[float, 
             stop.wait(0.5)
 
 
+@contextmanager
+def _outbox_tasks_relay(
+    settings: Any, procs: int, keep_logs: Path | None
+) -> Iterator[tuple[int, str]]:
+    """``celery worker -c procs`` + beat; yields the worker's pid and its application name."""
+    with common.celery_cluster(settings, keep_logs=keep_logs) as cluster:
+        worker = cluster.worker("bench", concurrency=procs)
+        beat = cluster.beat()
+        cluster.wait_ready(worker, timeout=60)
+        cluster.wait_ready(beat, timeout=60)
+        time.sleep(1.0)  # the wake-up listener connects after "ready"
+        yield worker.pid, settings.application_name
+
+
+def _sample_memory(
+    pid: int, stop: threading.Event, samples: list[tuple[float, dict[str, Any]]], every: float
+) -> None:
+    while not stop.is_set():
+        samples.append((time.time(), common.tree_memory_mib(pid)))
+        stop.wait(every)
+
+
 def run(
     env: BenchEnv,
     *,
@@ -149,10 +180,16 @@ def run(
     procs: int,
     producers: int,
     relay: dict[str, Any],
+    system: str = "outbox_tasks",
     drain_timeout: float = 60.0,
     keep_logs: Path | None = None,
     profile: Path | None = None,
+    memory_every: float = 5.0,
 ) -> dict[str, Any]:
+    """One latency run of ``system``: ``outbox_tasks`` (real celery worker + beat) or
+    ``baseline`` (the limit: LISTEN, then UPDATE ... RETURNING + LPUSH at once; Redis only)."""
+    if system == "baseline" and broker != "redis":
+        raise ValueError("the limit's latency relay publishes to Redis only")
     with env.database() as url:
         exchange = common.unique_name("bench.events")
         sink = common.make_sink(broker, env, exchange)
@@ -171,22 +208,37 @@ def run(
         )
         arrivals: list[tuple[str, float]] = []
         samples: list[tuple[float, int]] = []
+        memory: list[tuple[float, dict[str, Any]]] = []
         producer = Producer(url, rate, duration, producers)
+        relay_cm: Any
+        if system == "baseline":
+            relay_cm = baseline.latency_relay(
+                url,
+                env.redis_url,
+                sink.queue,
+                batch=settings.batch_size,
+                poll=settings.poll_interval_seconds,
+            )
+        else:
+            relay_cm = _outbox_tasks_relay(settings, procs, keep_logs)
         try:
-            with common.celery_cluster(settings, keep_logs=keep_logs) as cluster:
-                worker = cluster.worker("bench", concurrency=procs)
-                beat = cluster.beat()
-                cluster.wait_ready(worker, timeout=60)
-                cluster.wait_ready(beat, timeout=60)
+            with relay_cm as (pid, application):
                 consumer.start()
                 ready.get(timeout=60)
-                time.sleep(1.0)  # the wake-up listener connects after "ready"
-                sampler_stop = threading.Event()
-                sampler = threading.Thread(
-                    target=_sample_pending, args=(url, sampler_stop, samples), daemon=True
-                )
-                sampler.start()
-                spy = common.start_py_spy(worker.pid, profile) if profile else None
+                stops = threading.Event()
+                threads = [
+                    threading.Thread(
+                        target=_sample_pending, args=(url, stops, samples), daemon=True
+                    ),
+                    threading.Thread(
+                        target=_sample_memory, args=(pid, stops, memory, memory_every), daemon=True
+                    ),
+                ]
+                for thread in threads:
+                    thread.start()
+                spy = common.start_py_spy(pid, profile) if profile else None
+                cpu0 = common.tree_cpu_seconds(pid)
+                db0 = common.backend_cpu_seconds(url, application)
                 try:
                     producer.run()
                 finally:
@@ -197,9 +249,12 @@ def run(
                 while time.monotonic() < deadline and common.pending(url) > 0:
                     time.sleep(0.1)
                 drained_at = time.time()
+                cpu = common.tree_cpu_seconds(pid) - cpu0
+                db_cpu = common.backend_cpu_seconds(url, application) - db0
                 time.sleep(1.0)  # last pushes reach the consumer
-                sampler_stop.set()
-                sampler.join(5)
+                stops.set()
+                for thread in threads:
+                    thread.join(5)
                 stop.set()
                 arrivals = out.get(timeout=60)
                 consumer.join(10)
@@ -217,14 +272,19 @@ def run(
     missing = sum(1 for e in producer.committed if e not in first)
     achieved = len(producer.committed) / max(1e-9, producer.finished - producer.started)
     during = [p for t, p in samples if producer.started <= t <= producer.finished]
+    produced = len(producer.committed)
+    in_run = [m for t, m in memory if producer.started <= t <= producer.finished] or [
+        m for _, m in memory
+    ]
     return {
+        "system": system,
         "broker": broker,
         "rate": rate,
         "duration": duration,
         "wakeup": wakeup,
-        "procs": procs,
+        "procs": procs if system == "outbox_tasks" else 1,
         "producers": producers,
-        "produced": len(producer.committed),
+        "produced": produced,
         "achieved_rate": achieved,
         "producer_lag_max_ms": producer.lag_max * 1000,
         "producer_errors": producer.errors[:5],
@@ -240,14 +300,19 @@ def run(
         "pending_end": pending_end,
         "drain_seconds": drained_at - producer.finished,
         "backlog_grew": pending_end > rate * 1.0,
-        "ok": missing == 0 and not producer.errors and len(producer.committed) > 0,
+        "cpu_ms_per_1000": cpu / produced * 1e6 if produced else None,
+        "db_cpu_ms_per_1000": db_cpu / produced * 1e6 if produced else None,
+        "memory_start_mib": in_run[0] if in_run else None,
+        "memory_end_mib": in_run[-1] if in_run else None,
+        "memory_samples": [(round(t - producer.started, 1), m["rss"], m["pss"]) for t, m in memory],
+        "ok": missing == 0 and not producer.errors and produced > 0,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench latency",
-        description="commit-to-arrival at fixed producer rates, wake-up on and off",
+        description="commit-to-arrival at fixed producer rates, wake-up on and off, and the limit",
     )
     parser.add_argument("--rates", type=common.csv_ints, default=[200, 2000], help="events/s")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds of producing")
@@ -256,6 +321,11 @@ def main(argv: list[str] | None = None) -> int:
         type=common.csv_choices(("on", "off")),
         default=["on", "off"],
         help="on,off (OUTBOX_WAKEUP_ENABLED)",
+    )
+    parser.add_argument(
+        "--no-limit",
+        action="store_true",
+        help="skip the limit (LISTEN + UPDATE ... RETURNING + LPUSH) in the same alternation",
     )
     parser.add_argument("--workers", type=int, default=2, help="worker processes (-c)")
     parser.add_argument(
@@ -269,19 +339,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", type=Path, default=None, help="py-spy the worker of each run into this dir"
     )
-    parser.add_argument("--batch-size", type=int, default=common.RELAY_DEFAULTS["batch_size"])
-    parser.add_argument("--partitions", type=int, default=common.RELAY_DEFAULTS["partitions"])
-    parser.add_argument(
-        "--poll", type=float, default=common.RELAY_DEFAULTS["poll_interval_seconds"]
-    )
+    common.add_relay_arguments(parser)
     common.add_output_argument(parser)
     args = parser.parse_args(argv)
 
-    relay = {
-        "batch_size": args.batch_size,
-        "partitions": args.partitions,
-        "poll_interval_seconds": args.poll,
-    }
+    relay = common.relay_overrides(args)
     results = common.Results("latency", list(argv or []))
     results.settings = {
         "rates": args.rates,
@@ -290,99 +352,125 @@ def main(argv: list[str] | None = None) -> int:
         "workers": args.workers,
         "broker": args.broker,
         "repeats": args.repeats,
-        "relay": {**common.RELAY_DEFAULTS, **relay, "wakeup_debounce_seconds": 0.005},
+        "relay": {**common.RELAY_DEFAULTS, **relay},
         "consumer": "raw BRPOP on the bound queue's list"
         if args.broker == "redis"
         else "kombu consumer, no_ack",
         "backlog_grew": "pending when the producer stopped > 1 s of events",
     }
     log(f"relay settings: {results.settings['relay']}")
+    cases = [("outbox_tasks", mode) for mode in args.wakeup]
+    if not args.no_limit and args.broker == "redis":
+        cases.append(("baseline", "on"))
     with common.bench_env(args.broker == "amqp") as env:
         for repeat in range(args.repeats):
             for rate in args.rates:
-                modes = args.wakeup if repeat % 2 == 0 else list(reversed(args.wakeup))
-                for mode in modes:
-                    producers = args.producers or max(2, rate // 100)
-                    log(f"repeat {repeat + 1}: {rate}/s for {args.duration:g} s, wake-up {mode}")
-                    r = run(
-                        env,
-                        broker=args.broker,
-                        rate=rate,
-                        duration=args.duration,
-                        wakeup=mode == "on",
-                        procs=args.workers,
-                        producers=producers,
-                        relay=relay,
-                        profile=(
-                            args.profile / f"{rate}-{mode}-r{repeat + 1}.txt"
-                            if args.profile
-                            else None
-                        ),
-                        keep_logs=(
-                            args.logs / f"{rate}-{mode}-r{repeat + 1}" if args.logs else None
-                        ),
-                    )
+                shift = repeat % len(cases)
+                for system, mode in cases[shift:] + cases[:shift]:
+                    r = run_case(env, args, relay, system=system, mode=mode, rate=rate)
                     r["repeat"] = repeat
                     results.runs.append(r)
-                    log(
-                        f"  p50 {common.fmt(r['p50_ms'], 1)} p99 {common.fmt(r['p99_ms'], 1)} ms, "
-                        f"received {r['received']:,}/{r['produced']:,}, "
-                        f"pending at end {r['pending_end']}"
-                    )
-    rows = []
-    for r in results.runs:
-        rows.append(
-            [
-                common.fmt(r["rate"]),
-                common.fmt(r["achieved_rate"]),
-                "on" if r["wakeup"] else "off",
-                common.fmt(r["p50_ms"], 1),
-                common.fmt(r["p95_ms"], 1),
-                common.fmt(r["p99_ms"], 1),
-                common.fmt(r["max_ms"], 1),
-                f"{r['received']:,}/{r['produced']:,}",
-                common.fmt(r["pending_end"]),
-                common.fmt(r["backlog_grew"]),
-            ]
-        )
-        results.summary.append(
-            {
-                k: r[k]
-                for k in (
-                    "rate",
-                    "wakeup",
-                    "p50_ms",
-                    "p95_ms",
-                    "p99_ms",
-                    "max_ms",
-                    "pending_end",
-                    "backlog_grew",
-                    "repeat",
-                )
-            }
-        )
+    results.summary = [summary_of(r) for r in results.runs]
     path = results.write(args.output, common.versions(need_amqp=args.broker == "amqp"))
     print(
         f"Latency (commit -> arrival at an independent consumer), {args.broker}, "
         f"{args.workers} worker processes, {args.duration:g} s per run\n"
     )
     print("Relay: " + ", ".join(f"{k}={v}" for k, v in results.settings["relay"].items()) + "\n")
-    print(
-        common.md_table(
-            [
-                "rate/s",
-                "achieved/s",
-                "wake-up",
-                "p50 ms",
-                "p95 ms",
-                "p99 ms",
-                "max ms",
-                "received",
-                "pending at end",
-                "backlog grew",
-            ],
-            rows,
-        )
-    )
+    print(table(results.runs))
     print(f"\nJSON: {path}")
     return 0 if all(r["ok"] for r in results.runs) else 1
+
+
+def run_case(
+    env: BenchEnv,
+    args: argparse.Namespace,
+    relay: dict[str, Any],
+    *,
+    system: str,
+    mode: str,
+    rate: int,
+    repeat: int = 0,
+) -> dict[str, Any]:
+    """One run with the options of ``args`` (rate, duration, workers, producers, logs)."""
+    producers = args.producers or max(2, rate // 100)
+    label = "the limit" if system == "baseline" else f"outbox_tasks, wake-up {mode}"
+    log(f"repeat {repeat + 1}: {rate}/s for {args.duration:g} s, {label}")
+    tag = f"{system}-{rate}-{mode}-r{repeat + 1}"
+    r = run(
+        env,
+        broker=args.broker,
+        rate=rate,
+        duration=args.duration,
+        wakeup=mode == "on",
+        procs=args.workers,
+        producers=producers,
+        relay=relay,
+        system=system,
+        profile=args.profile / f"{tag}.txt" if args.profile and system != "baseline" else None,
+        keep_logs=args.logs / tag if args.logs else None,
+    )
+    log(
+        f"  p50 {common.fmt(r['p50_ms'], 1)} p99 {common.fmt(r['p99_ms'], 1)} ms at "
+        f"{common.fmt(r['achieved_rate'])}/s, received {r['received']:,}/{r['produced']:,}, "
+        f"pending at end {r['pending_end']}, CPU {common.fmt(r['cpu_ms_per_1000'])} ms/1000"
+    )
+    return r
+
+
+SUMMARY_KEYS = (
+    "system",
+    "rate",
+    "achieved_rate",
+    "wakeup",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "max_ms",
+    "pending_end",
+    "backlog_grew",
+    "cpu_ms_per_1000",
+    "db_cpu_ms_per_1000",
+    "repeat",
+)
+
+
+def summary_of(r: dict[str, Any]) -> dict[str, Any]:
+    return {k: r[k] for k in SUMMARY_KEYS}
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    rows = [
+        [
+            "limit" if r["system"] == "baseline" else "outbox_tasks",
+            common.fmt(r["rate"]),
+            common.fmt(r["achieved_rate"]),
+            "on" if r["wakeup"] else "off",
+            common.fmt(r["p50_ms"], 1),
+            common.fmt(r["p95_ms"], 1),
+            common.fmt(r["p99_ms"], 1),
+            common.fmt(r["max_ms"], 1),
+            f"{r['received']:,}/{r['produced']:,}",
+            common.fmt(r["pending_end"]),
+            common.fmt(r["backlog_grew"]),
+            f"{common.fmt(r['cpu_ms_per_1000'])}+{common.fmt(r['db_cpu_ms_per_1000'])}",
+        ]
+        for r in runs
+    ]
+    return common.md_table(
+        [
+            "system",
+            "rate/s",
+            "achieved/s",
+            "wake-up",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "max ms",
+            "received",
+            "pending at end",
+            "backlog grew",
+            "CPU ms/1000 msg (relay+db)",
+        ],
+        rows,
+    )

@@ -84,6 +84,7 @@ def run_outbox_tasks(
                     common.stop_py_spy(spy)
                     spy = None
                 left = common.wait_pending_zero(url, timeout=30)
+                memory = common.tree_memory_mib(worker.pid)
                 time.sleep(0.3)
                 counted = sink.count()
                 logs = worker.log()
@@ -107,6 +108,7 @@ def run_outbox_tasks(
         "duplicates": max(0, counted - events),
         "pending_after": left,
         "cpu_us_per_msg": cpu / events * 1e6,
+        "memory_mib": memory,
         "db_cpu_us_per_msg": db_cpu / events * 1e6,
         "publish_tasks": sum(
             1 for line in logs.splitlines() if "outbox.publish[" in line and "succeeded" in line
@@ -134,11 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         default=list(common.BROKERS),
         help="redis,amqp (where events are published; Celery's broker is Redis)",
     )
-    parser.add_argument("--batch-size", type=int, default=common.RELAY_DEFAULTS["batch_size"])
-    parser.add_argument("--partitions", type=int, default=common.RELAY_DEFAULTS["partitions"])
-    parser.add_argument(
-        "--poll", type=float, default=common.RELAY_DEFAULTS["poll_interval_seconds"]
-    )
+    common.add_relay_arguments(parser)
     parser.add_argument("--no-baseline", action="store_true", help="outbox_tasks only (no ratio)")
     parser.add_argument(
         "--candidate",
@@ -158,11 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     common.add_output_argument(parser)
     args = parser.parse_args(argv)
 
-    relay = {
-        "batch_size": args.batch_size,
-        "partitions": args.partitions,
-        "poll_interval_seconds": args.poll,
-    }
+    relay = common.relay_overrides(args)
     systems = ["baseline", "outbox_tasks"]
     if args.candidate:
         systems.append("candidate")
@@ -187,30 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"relay settings: {results.settings['relay']}")
 
     with common.bench_env(need_amqp) as env:
-        n = 0
-        for repeat in range(args.repeats):
-            for broker in args.brokers:
-                for procs in args.workers:
-                    # Rotate, so no system always runs first or right after the same other.
-                    shift = n % len(systems)
-                    n += 1
-                    for system in systems[shift:] + systems[:shift]:
-                        log(f"repeat {repeat + 1}/{args.repeats}: {system} {broker} x{procs}")
-                        r = _run_one(
-                            env,
-                            args,
-                            relay,
-                            system=system,
-                            broker=broker,
-                            procs=procs,
-                            repeat=repeat,
-                        )
-                        r["repeat"] = repeat
-                        results.runs.append(r)
-                        log(
-                            f"  {common.fmt(r['rate'])} msg/s, counted {r['counted']:,}, "
-                            f"ok={r['ok']}"
-                        )
+        results.runs += run_matrix(env, args, relay, systems)
 
     rows = []
     for broker in args.brokers:
@@ -231,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                         ", ".join(common.fmt(x, 2) for x in entry["ratios"]),
                         _cpu_cell(entry["baseline_cpu_us"], entry["baseline_db_cpu_us"]),
                         _cpu_cell(entry["cpu_us"], entry["db_cpu_us"]),
+                        _memory_cell(entry["baseline_memory_mib"]),
+                        _memory_cell(entry["memory_mib"]),
                         common.fmt(entry["ok"]),
                     ]
                 )
@@ -252,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio per repeat",
                 "limit CPU µs/msg (relay+db)",
                 "CPU µs/msg (relay+db)",
+                "limit RSS (PSS) MiB",
+                "RSS (PSS) MiB, all processes",
                 "all counted",
             ],
             rows,
@@ -261,6 +236,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ncandidate: workers run with PYTHONPATH={args.candidate}")
     print(f"\nJSON: {path}")
     return 0 if all(r["ok"] for r in results.runs) else 1
+
+
+def run_matrix(
+    env: BenchEnv, args: argparse.Namespace, relay: dict[str, Any], systems: list[str]
+) -> list[dict[str, Any]]:
+    """Every (repeat, broker, processes) group, each system once per group, rotating the
+    order from one group to the next so no system always runs first."""
+    runs = []
+    n = 0
+    for repeat in range(args.repeats):
+        for broker in args.brokers:
+            for procs in args.workers:
+                shift = n % len(systems)
+                n += 1
+                for system in systems[shift:] + systems[:shift]:
+                    log(f"repeat {repeat + 1}/{args.repeats}: {system} {broker} x{procs}")
+                    r = _run_one(
+                        env, args, relay, system=system, broker=broker, procs=procs, repeat=repeat
+                    )
+                    r["repeat"] = repeat
+                    runs.append(r)
+                    log(
+                        f"  {common.fmt(r['rate'])} msg/s, counted {r['counted']:,}, "
+                        f"{common.fmt(r['cpu_us_per_msg'])}+{common.fmt(r['db_cpu_us_per_msg'])}"
+                        f" µs/msg, RSS {common.fmt(r['memory_mib']['rss'])} MiB, ok={r['ok']}"
+                    )
+    return runs
 
 
 def _run_one(
@@ -327,6 +329,8 @@ def summarize(
         "baseline_db_cpu_us": _cpu(mine, "baseline", "db_cpu_us_per_msg"),
         "cpu_us": _cpu(mine, system, "cpu_us_per_msg"),
         "db_cpu_us": _cpu(mine, system, "db_cpu_us_per_msg"),
+        "memory_mib": _memory(mine, system),
+        "baseline_memory_mib": _memory(mine, "baseline"),
         "ok": all(r["ok"] for r in mine if r["system"] in ("baseline", system)),
     }
 
@@ -337,5 +341,19 @@ def _cpu_cell(relay: float | None, db: float | None) -> str:
     return f"{relay:.0f}+{db:.0f}"
 
 
+def _memory_cell(memory: dict[str, float | None]) -> str:
+    if not memory.get("rss"):
+        return "-"
+    return f"{common.fmt(memory['rss'])} ({common.fmt(memory['pss'])})"
+
+
 def _cpu(runs: list[dict[str, Any]], system: str, key: str) -> float | None:
     return common.median([r[key] for r in runs if r["system"] == system and r.get(key)])
+
+
+def _memory(runs: list[dict[str, Any]], system: str) -> dict[str, float | None]:
+    """Median RSS, PSS and USS (MiB, all processes) at the end of the runs of ``system``."""
+    mine = [r["memory_mib"] for r in runs if r["system"] == system and r.get("memory_mib")]
+    return {
+        key: common.median([m[key] for m in mine if m.get(key)]) for key in ("rss", "pss", "uss")
+    }

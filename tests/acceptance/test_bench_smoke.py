@@ -1,9 +1,10 @@
-"""CI's small version of the benchmarks (issue 6): they run end to end and count right.
+"""CI's small version of the benchmarks (issues 6 and 12): they run end to end and count right.
 
 No timing assertions (timing lives in docs/performance.md): the throughput bench with ~3 000
 events, one repeat, Redis only, both systems (the limit and outbox_tasks through real celery
-worker + beat); the latency bench for a few seconds at a low rate. Every event must be counted
-at the broker.
+worker + beat); the latency bench for a few seconds at a low rate (the limit's latency relay
+too); and ``python -m bench all`` with tiny sizes (every part of the table). Every event must be
+counted at the broker.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from bench import latency, throughput
+from bench import latency, suite, throughput
+from outbox_tasks.settings import Settings
 from tests.support import services
 
 pytestmark = pytest.mark.slow
@@ -63,7 +65,8 @@ def test_throughput_bench_counts_every_event_at_the_broker_for_both_systems(
     (summary,) = data["summary"]
     assert summary["system"] == "outbox_tasks" and summary["ratio"] is not None
     assert data["versions"]["libraries"]["celery"]
-    assert data["settings"]["relay"]["batch_size"] == 1000
+    # A new installation's settings unless told otherwise.
+    assert data["settings"]["relay"]["batch_size"] == Settings().batch_size
     table = capsys.readouterr().out
     assert "| redis" in table and "ratio" in table
 
@@ -84,3 +87,55 @@ def test_latency_bench_delivers_every_committed_event_with_and_without_wakeup(
         assert run["missing"] == 0
         assert run["p50_ms"] is not None and run["max_ms"] >= run["p50_ms"]
     assert "p99 ms" in capsys.readouterr().out
+
+
+def test_the_whole_bench_in_one_command_counts_every_event_of_every_part(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "all.json"
+    code = suite.main(
+        [
+            "--quick",
+            "--events",
+            "2000",
+            "--aggregates",
+            "100",
+            "--brokers",
+            "redis",
+            "--workers",
+            "1",
+            "--rates",
+            "50",
+            "--duration",
+            "2",
+            "--latency-workers",
+            "1",
+            "--soak",
+            "3",
+            "--output",
+            str(output),
+        ]
+    )
+    assert code == 0
+    data = json.loads(output.read_text())
+    parts = {(r["bench"], r["system"], r.get("wakeup")) for r in data["runs"]}
+    assert parts == {
+        ("throughput", "baseline", None),
+        ("throughput", "outbox_tasks", None),
+        ("latency", "outbox_tasks", True),
+        ("latency", "outbox_tasks", False),
+        ("latency", "baseline", True),
+        ("soak", "outbox_tasks", True),
+    }
+    for run in data["runs"]:
+        assert run["ok"], run
+        if run["bench"] == "throughput":
+            assert run["counted"] == 2000 and run["pending_after"] == 0, run
+            assert run["memory_mib"]["rss"] > 0, run
+        else:
+            assert run["received"] == run["produced"] > 0 and run["duplicates"] == 0, run
+    figures = [e["figure"] for e in data["summary"]]
+    assert figures == ["throughput", "latency", "latency", "soak"]
+    table = capsys.readouterr().out
+    for measure in ("latency at 50/s", "throughput, Redis", "relay CPU", "resident memory"):
+        assert measure in table
