@@ -7,8 +7,9 @@ reused across batches. Two transports are supported, each by its own *link*:
   virtual exchange routing, but paid once per batch: one SMEMBERS of the binding table, then
   every LPUSH of the batch in one pipeline.
 * AMQP (``amqp://``, ``amqps://``, ``pyamqp://``; :mod:`~outbox_tasks.publisher.amqp_link`):
-  RabbitMQ publisher confirms, awaited once per *wave* (at most one message per aggregate in
-  flight), so a nack can still stop the rest of its aggregate.
+  RabbitMQ publisher confirms, one *lane* per aggregate (a message goes out once its
+  predecessor of the same aggregate is confirmed; aggregates do not wait for one another), so
+  a nack can still stop the rest of its aggregate.
 
 Every broker or network error becomes :class:`~outbox_tasks.errors.BrokerUnavailable` and drops
 the connection; the next call reconnects. :class:`BatchResult` (module ``results``) says what

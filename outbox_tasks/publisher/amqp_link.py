@@ -1,7 +1,8 @@
-"""The AMQP link: a RabbitMQ channel in publisher-confirm mode, awaited once per *wave*.
+"""The AMQP link: a RabbitMQ channel in publisher-confirm mode, one *lane* per aggregate.
 
-A wave holds at most one message per aggregate, so a nack can still stop the rest of its
-aggregate before anything later of it is sent.
+A message goes out only once its predecessor of the same aggregate is confirmed, so a nack can
+still stop the rest of its aggregate before anything later of it is sent; lanes of different
+aggregates are in flight together and never wait for one another.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class AmqpLink:
         # Confirm delivery tags count publishes on the channel from 1.
         self._next_tag = 1
         self._unconfirmed: dict[int, int] = {}  # delivery tag -> message index
-        self._nacked: set[int] = set()  # message indexes
+        self._settled: list[tuple[int, bool]] = []  # (message index, nacked), as confirmed
         self._returned: set[str] = set()  # event ids sent back as unroutable
 
     def alive(self) -> bool:
@@ -89,7 +90,9 @@ class AmqpLink:
             ) from exc
 
     def publish(self, messages: Sequence[OutboundMessage]) -> BatchResult:
-        """Send ``messages`` in waves of one per aggregate, each wave fully confirmed first."""
+        """Send ``messages`` with every aggregate in its own lane: the first message of each at
+        once, then each next one as soon as its predecessor is confirmed (never before). Lanes
+        do not wait for one another, so a slow confirm holds back its own aggregate only."""
         wires: list[Any] = []
         errors: dict[int, str] = {}
         for index, message in enumerate(messages):
@@ -98,41 +101,68 @@ class AmqpLink:
             if error is not None:
                 errors[index] = error
 
-        published: list[str] = []
+        lanes = _lanes(messages)
+        lane_of = {index: lane for lane in lanes for index in lane}
+        accepted: list[int] = []
         failed: dict[str, str] = {}
         deferred: dict[str, str] = {}
         skipped: list[str] = []
         unroutable = 0
-        lanes = _lanes(messages)
         self._returned.clear()
-        while lanes:
-            wave: list[int] = []
-            alive: list[deque[int]] = []
-            for lane in lanes:
-                index = lane.popleft()
-                if index in errors:
-                    failed[messages[index].event_id] = errors[index]
-                    skipped.extend(messages[i].event_id for i in lane)
-                    continue
-                wave.append(index)
-                if lane:
-                    alive.append(lane)
-            wave.sort()
-            nacked = self._send_wave(wave, messages, wires)
-            lanes = []
-            for lane in alive:
-                if messages[lane[0]].aggregate_key in nacked:
-                    skipped.extend(messages[i].event_id for i in lane)
-                else:
-                    lanes.append(lane)
-            for index in wave:
+        self._settled.clear()
+        self._unconfirmed.clear()
+
+        def send_head(lane: deque[int]) -> None:
+            """Send the lane's next message, or fail it (it could not be encoded) and skip the
+            rest of its aggregate."""
+            index = lane.popleft()
+            if index in errors:
+                failed[messages[index].event_id] = errors[index]
+                skipped.extend(messages[i].event_id for i in lane)
+                lane.clear()
+                return
+            self._unconfirmed[self._next_tag] = index
+            self._next_tag += 1
+            self._channel.basic_publish(
+                wires[index],
+                exchange=self._exchange,
+                routing_key=messages[index].routing_key,
+                # Unroutable messages come back as basic.return before their ack: we only
+                # count them, they are dropped exactly as without the flag.
+                mandatory=True,
+            )
+
+        for lane in lanes:  # in batch order of each aggregate's first message
+            send_head(lane)
+        deadline = time.monotonic() + self._timeout
+        while self._unconfirmed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                # Reported by the caller as BrokerUnavailable, with the URL.
+                raise TimeoutError(
+                    f"{len(self._unconfirmed)} publisher confirms not received within "
+                    f"{self._timeout:g}s"
+                )
+            with suppress(TimeoutError):
+                self._raw.drain_events(timeout=remaining)
+            if not self._settled:
+                continue
+            deadline = time.monotonic() + self._timeout
+            settled, self._settled = self._settled, []
+            for index, nacked in settled:
                 event_id = messages[index].event_id
-                if messages[index].aggregate_key in nacked:
+                lane = lane_of[index]
+                if nacked:
                     deferred[event_id] = NACK_REASON
-                else:
-                    published.append(event_id)
-                    if event_id in self._returned:
-                        unroutable += 1
+                    skipped.extend(messages[i].event_id for i in lane)
+                    lane.clear()
+                    continue
+                accepted.append(index)
+                if event_id in self._returned:
+                    unroutable += 1
+                if lane:
+                    send_head(lane)
+        published = [messages[index].event_id for index in sorted(accepted)]
         # A nack says a queue did not take it, not that none did: the others keep their copy.
         return BatchResult(
             published, failed, skipped, unroutable, deferred=deferred, maybe_sent=list(deferred)
@@ -159,37 +189,6 @@ class AmqpLink:
         wire._serialize_properties = lambda: encoded
         return wire, None
 
-    def _send_wave(
-        self, wave: list[int], messages: Sequence[OutboundMessage], wires: list[Any]
-    ) -> set[tuple[str, str]]:
-        """Publish one message per aggregate, wait for every confirm; return nacked aggregates."""
-        if not wave:
-            return set()
-        self._nacked.clear()
-        for index in wave:
-            self._unconfirmed[self._next_tag] = index
-            self._next_tag += 1
-            self._channel.basic_publish(
-                wires[index],
-                exchange=self._exchange,
-                routing_key=messages[index].routing_key,
-                # Unroutable messages come back as basic.return before their ack: we only
-                # count them, they are dropped exactly as without the flag.
-                mandatory=True,
-            )
-        deadline = time.monotonic() + self._timeout
-        while self._unconfirmed:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                # Reported by the caller as BrokerUnavailable, with the URL.
-                raise TimeoutError(
-                    f"{len(self._unconfirmed)} of {len(wave)} publisher confirms not received "
-                    f"within {self._timeout:g}s"
-                )
-            with suppress(TimeoutError):
-                self._raw.drain_events(timeout=remaining)
-        return {messages[index].aggregate_key for index in self._nacked}
-
     def _settle(self, delivery_tag: int, multiple: bool, nacked: bool) -> None:
         if multiple:
             # Tags are inserted in increasing order, so the settled ones are a prefix.
@@ -201,9 +200,7 @@ class AmqpLink:
         else:
             settled = [delivery_tag] if delivery_tag in self._unconfirmed else []
         for tag in settled:
-            index = self._unconfirmed.pop(tag)
-            if nacked:
-                self._nacked.add(index)
+            self._settled.append((self._unconfirmed.pop(tag), nacked))
 
     def _on_ack(self, delivery_tag: int, multiple: bool) -> None:
         self._settle(delivery_tag, multiple, nacked=False)

@@ -16,7 +16,7 @@ class BatchResult:
     """What happened to each message of one :meth:`BrokerPublisher.publish_batch` call."""
 
     published: list[str]
-    """Event ids accepted by the broker, in send order (unroutable ones included)."""
+    """Event ids accepted by the broker (unroutable ones included), in batch order."""
     failed: dict[str, str]
     """Event id -> short error text, for failures that are the message's own fault."""
     skipped: list[str]
