@@ -150,10 +150,10 @@ def _sample_pending(url: str, stop: threading.Event, samples: list[tuple[float, 
 
 @contextmanager
 def _outbox_tasks_relay(
-    settings: Any, procs: int, keep_logs: Path | None
+    settings: Any, procs: int, keep_logs: Path | None, pythonpath: str | None = None
 ) -> Iterator[tuple[int, str]]:
     """``celery worker -c procs`` + beat; yields the worker's pid and its application name."""
-    with common.celery_cluster(settings, keep_logs=keep_logs) as cluster:
+    with common.celery_cluster(settings, keep_logs=keep_logs, pythonpath=pythonpath) as cluster:
         worker = cluster.worker("bench", concurrency=procs)
         beat = cluster.beat()
         cluster.wait_ready(worker, timeout=60)
@@ -185,9 +185,11 @@ def run(
     keep_logs: Path | None = None,
     profile: Path | None = None,
     memory_every: float = 5.0,
+    pythonpath: str | None = None,
 ) -> dict[str, Any]:
-    """One latency run of ``system``: ``outbox_tasks`` (real celery worker + beat) or
-    ``baseline`` (the limit: LISTEN, then UPDATE ... RETURNING + LPUSH at once; Redis only)."""
+    """One latency run of ``system``: ``outbox_tasks`` (real celery worker + beat; its workers
+    import ``outbox_tasks`` from ``pythonpath`` first when given) or ``baseline`` (the limit:
+    LISTEN, then UPDATE ... RETURNING + LPUSH at once; Redis only)."""
     if system == "baseline" and broker != "redis":
         raise ValueError("the limit's latency relay publishes to Redis only")
     with env.database() as url:
@@ -220,7 +222,7 @@ def run(
                 poll=settings.poll_interval_seconds,
             )
         else:
-            relay_cm = _outbox_tasks_relay(settings, procs, keep_logs)
+            relay_cm = _outbox_tasks_relay(settings, procs, keep_logs, pythonpath)
         try:
             with relay_cm as (pid, application):
                 consumer.start()
@@ -409,6 +411,7 @@ def run_case(
         system=system,
         profile=args.profile / f"{tag}.txt" if args.profile and system != "baseline" else None,
         keep_logs=args.logs / tag if args.logs else None,
+        pythonpath=getattr(args, "candidate", None),
     )
     log(
         f"  p50 {common.fmt(r['p50_ms'], 1)} p99 {common.fmt(r['p99_ms'], 1)} ms at "

@@ -45,6 +45,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--soak", type=float, default=None, help="seconds of the memory soak (0: skip)"
     )
     parser.add_argument("--soak-rate", type=int, default=500, help="events/s during the soak")
+    parser.add_argument(
+        "--outbox-tasks-from",
+        default=None,
+        metavar="DIR",
+        help="run the workers with PYTHONPATH=DIR: a directory holding another outbox_tasks "
+        "package (e.g. an older version, for before/after figures)",
+    )
     parser.add_argument("--logs", type=Path, default=None, help="keep worker/beat logs here")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy every worker here")
     common.add_relay_arguments(parser)
@@ -55,7 +62,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     # What throughput.run_matrix and latency.run_case read from ``args``.
-    args.candidate = None
+    args.candidate = args.outbox_tasks_from
     args.producers = 0
     args.broker = "redis"
     return args
@@ -81,13 +88,18 @@ def main(argv: list[str] | None = None) -> int:
             "workers": args.latency_workers,
         },
         "soak": {"seconds": args.soak, "rate": args.soak_rate},
+        "outbox_tasks_from": args.outbox_tasks_from,
         "relay": {**common.RELAY_DEFAULTS, **relay},
     }
     log(f"relay settings: {results.settings['relay']}")
     need_amqp = "amqp" in args.brokers
     with common.bench_env(need_amqp) as env:
-        for r in throughput.run_matrix(env, args, relay, ["baseline", "outbox_tasks"]):
-            results.runs.append({"bench": "throughput", **r})
+        mine = "outbox_tasks_from" if args.outbox_tasks_from else "outbox_tasks"
+        for r in throughput.run_matrix(env, args, relay, ["baseline", mine]):
+            # The figures are outbox_tasks's, whichever package the workers imported.
+            results.runs.append(
+                {"bench": "throughput", **r, "system": r["system"].split("_from")[0]}
+            )
         lat_args = argparse.Namespace(**{**vars(args), "workers": args.latency_workers})
         for repeat in range(args.latency_repeats):
             for i, rate in enumerate(args.rates):
@@ -112,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
                 producers=max(2, args.soak_rate // 100),
                 relay=relay,
                 memory_every=min(10.0, max(1.0, args.soak / 30)),
+                pythonpath=args.outbox_tasks_from,
                 keep_logs=args.logs / "soak" if args.logs else None,
             )
             results.runs.append({"bench": "soak", **r})

@@ -296,7 +296,7 @@ def _run_one(
         relay=relay,
         keep_logs=args.logs / tag if args.logs else None,
         profile=args.profile / f"{tag}.txt" if args.profile else None,
-        pythonpath=args.candidate if system == "candidate" else None,
+        pythonpath=args.candidate if system in ("candidate", "outbox_tasks_from") else None,
         system=system,
     )
 
