@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from outbox_tasks.circuit import Circuit
 from outbox_tasks.envelope import OutboundMessage, message_for_row
@@ -70,6 +71,8 @@ class PublishReport:
     lease_lost: bool = False
     circuit_open: bool = False
     errors: list[str] = field(default_factory=list)
+    newest_row_at: datetime | None = None
+    """When the newest row published was committed (the database's clock)."""
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -135,6 +138,21 @@ def hand_back(store: RelayStore, lease: Lease) -> bool:
         released=released,
     )
     return released
+@dataclass
+class Holding:
+    """A lease this process holds, what was done under it, and where its next scan starts."""
+
+    lease: Lease | None
+    report: PublishReport
+    cursor: int | None = None
+    redeliver: set[uuid.UUID] = field(default_factory=set)
+    """Rows that may have reached the broker before: flagged ``outbox-redelivered`` when sent."""
+
+    def __post_init__(self) -> None:
+        if self.lease is not None:
+            if self.cursor is None:
+                self.cursor = self.lease.cursor_slot
+            self.redeliver |= self.lease.redeliver_ids
 
 
 class Relay:
@@ -160,7 +178,6 @@ class Relay:
         self.clock = clock
         self.jitter = jitter
         self.circuit = circuit or Circuit(clock=clock, max_seconds=settings.circuit_max_seconds)
-        self._redeliver: set[uuid.UUID] = set()
         if self.circuit.on_change is None:
             self.circuit.on_change = lambda is_open: self._observer.call("circuit_changed", is_open)
 
@@ -192,7 +209,17 @@ class Relay:
     def publish(
         self, partition: int, epoch: int, partition_count: int | None = None
     ) -> PublishReport:
-        """Drain one leased partition for up to ``publish_task_seconds``."""
+        """Drain one leased partition for up to ``publish_task_seconds``, then release it."""
+        holding = self.adopt(partition, epoch, partition_count)
+        if holding.lease is not None:
+            self.drain(holding, until=self.clock() + self.settings.publish_task_seconds)
+            self.release(holding)
+        return holding.report
+
+    def adopt(self, partition: int, epoch: int, partition_count: int | None = None) -> Holding:
+        """Take over the lease a claim granted (fenced by ``epoch``) and renew it. The holding's
+        lease is None when it is gone (expired in the queue, superseded) or was handed straight
+        back because the broker circuit is open (``report.circuit_open``)."""
         n = partition_count or self.settings.partitions
         report = PublishReport(partition=partition, epoch=epoch)
         with self._store.transaction("publish") as tx:
@@ -209,7 +236,7 @@ class Relay:
                 tx.release_lease(lease)
                 report.circuit_open = True
                 report.more = True
-                return report
+                return Holding(None, report)
         if lease is None:
             # Expired in the queue or already superseded: a newer claim owns the partition.
             event(
@@ -220,46 +247,68 @@ class Relay:
                 partition=partition,
                 epoch=epoch,
             )
-            return report
-        deadline = self.clock() + self.settings.publish_task_seconds
-        cursor = lease.cursor_slot
-        # Rows that may have reached the broker before: flagged ``outbox-redelivered`` when sent.
-        self._redeliver = set(lease.redeliver_ids)
+        return Holding(lease, report)
+
+    def hold(self, lease: Lease) -> Holding:
+        """A lease this relay was just granted (:meth:`claim`), ready to :meth:`drain`."""
+        return Holding(lease, PublishReport(partition=lease.partition, epoch=lease.epoch))
+
+    def drain(self, holding: Holding, *, until: float) -> int:
+        """Publish the held partition's due rows, batch after batch, until a batch is not full
+        or the clock passes ``until`` (then ``report.more``). Returns the rows published. After
+        a lost lease (``report.lease_lost``) or a broker outage (``report.circuit_open``, the
+        circuit recorded) the holding must not drain again."""
+        lease, report = holding.lease, holding.report
+        if lease is None or report.lease_lost or report.circuit_open:
+            return 0
+        before = report.published
         try:
             while True:
-                outcome = self._one_batch(lease, cursor, report)
+                outcome = self._one_batch(lease, holding.cursor, report, holding.redeliver)
                 if outcome is None:
                     break
-                cursor, full = outcome
+                holding.cursor, full = outcome
                 if not full:
                     break
-                if self.clock() >= deadline:
+                if self.clock() >= until:
                     report.more = True
                     break
         except BrokerUnavailable as error:
             self.circuit.record_failure(error)
             report.circuit_open = True
             report.more = True
-        if not report.lease_lost:
-            with self._store.transaction("release") as tx:
-                if not tx.release_lease(lease):
-                    # Taken over while we were between batches (a stall past the lease).
-                    self._lost(lease, report)
-                    return report
-                # A row committed after our last select had its wake-up claim refused while we
-                # held the lease: say so, and the caller claims again at once. Only after a
-                # productive run, so rows that cannot move yet never cause a claim loop.
-                if (
-                    report.batches
-                    and not report.more
-                    and not report.circuit_open
-                    and tx.has_due_rows(lease.slot_lo, lease.slot_hi)
-                ):
-                    report.more = True
+        return report.published - before
+
+    def release(self, holding: Holding) -> PublishReport:
+        """Hand the held partition back (unless the lease was lost); ``report.more`` says
+        whether it still has work the caller should claim at once."""
+        lease, report = holding.lease, holding.report
+        if lease is None or report.lease_lost:
+            return report
+        holding.lease = None
+        with self._store.transaction("release") as tx:
+            if not tx.release_lease(lease):
+                # Taken over while we were between batches (a stall past the lease).
+                self._lost(lease, report)
+                return report
+            # A row committed after our last select had its wake-up claim refused while we
+            # held the lease: say so, and the caller claims again at once. Only after a
+            # productive run, so rows that cannot move yet never cause a claim loop.
+            if (
+                report.batches
+                and not report.more
+                and not report.circuit_open
+                and tx.has_due_rows(lease.slot_lo, lease.slot_hi)
+            ):
+                report.more = True
         return report
 
     def _one_batch(
-        self, lease: Lease, cursor: int | None, report: PublishReport
+        self,
+        lease: Lease,
+        cursor: int | None,
+        report: PublishReport,
+        redeliver: set[uuid.UUID],
     ) -> tuple[int, bool] | None:
         """One batch. Returns (next cursor, batch was full), or None when there is nothing to do
         or the lease was lost."""
@@ -301,7 +350,7 @@ class Relay:
                 row,
                 partition=lease.partition,
                 epoch=lease.epoch,
-                redelivered=resend or row.id in self._redeliver,
+                redelivered=resend or row.id in redeliver,
             )
 
         sent = send_batch(
@@ -326,10 +375,14 @@ class Relay:
         if not finish.fenced_ok:
             self._lost(lease, report)
             return None
-        self._redeliver.update(maybe_sent)
+        redeliver.update(maybe_sent)
         report.batches += 1
         report.published += finish.marked
         report.failed += finish.failed
+        if ok_rows:
+            newest = max(row.created_at for row in ok_rows)
+            if report.newest_row_at is None or newest > report.newest_row_at:
+                report.newest_row_at = newest
         latencies: list[float] = []
         if finish.finished_at is not None:
             at = finish.finished_at

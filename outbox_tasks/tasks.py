@@ -22,7 +22,9 @@ from outbox_tasks.cleanup import run_cleanup
 from outbox_tasks.db import translate_errors
 from outbox_tasks.errors import BrokerUnavailable, DatabaseUnavailable, describe_error
 from outbox_tasks.logs import event, get_logger
+from outbox_tasks.serving import serve
 from outbox_tasks.status import collect_status, db_snapshot
+from outbox_tasks.wakeup import NotificationWaiter
 from outbox_tasks.worker import broadcast_snapshot, claim_and_dispatch, refuse_foreign, runtime
 
 log = get_logger("tasks")
@@ -53,9 +55,14 @@ def claim(partition: int | None = None, partition_count: int | None = None) -> d
 
 @app.task(name=PUBLISH_TASK)
 def publish(partition: int, epoch: int, partition_count: int) -> dict[str, Any]:
-    """Publish a leased partition's due rows in order until drained or out of time."""
+    """Publish a leased partition's due rows in order; with the wake-up path on, keep serving
+    it (and claim more, up to this process's share) while new rows keep coming
+    (``outbox_tasks.serving``), at most ``publish_task_seconds``."""
     if (foreign := refuse_foreign(publish.request)) is not None:
         return foreign
+    waiter = runtime.waiter()
+    if waiter is not None:
+        return _serve(partition, epoch, partition_count, waiter)
     try:
         report = runtime.relay().publish(partition, epoch, partition_count)
     except DatabaseUnavailable as error:
@@ -87,6 +94,33 @@ def publish(partition: int, epoch: int, partition_count: int) -> dict[str, Any]:
                 error=describe_error(error),
             )
     return report.as_dict()
+
+
+def _serve(
+    partition: int, epoch: int, partition_count: int, waiter: NotificationWaiter
+) -> dict[str, Any]:
+    try:
+        served = serve(
+            runtime.relay(), waiter, partition, epoch, partition_count, share=runtime.share()
+        )
+    except DatabaseUnavailable as error:
+        # Nothing is lost: unmarked rows stay pending; the leases expire; a later claim resends.
+        event(
+            log,
+            logging.WARNING,
+            "database_unavailable",
+            "publish stopped",
+            error=str(error),
+            partition=partition,
+        )
+        return {"partition": partition, "epoch": epoch, "error": "database_unavailable"}
+    for busy in served.more:
+        # Drain chaining: a partition with work left does not wait for the next beat tick.
+        claim.apply_async(
+            args=(busy, partition_count),
+            expires=max(runtime.settings.poll_interval_seconds * 3, 1.0),
+        )
+    return {"partition": partition, "epoch": epoch, **served.as_dict()}
 
 
 @app.task(name=DEAD_LETTER_TASK)

@@ -15,6 +15,7 @@ once, then backs off up to the probe interval; ``on_listening`` reports each cha
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -187,3 +188,87 @@ class WakeupListener:
         """``LISTEN`` (again: a no-op once listening) answered within the probe deadline."""
         with DEADLINES.guard(conn, self.probe_deadline_seconds, what):
             conn.execute(f"LISTEN {CHANNEL}")
+
+class NotificationWaiter:
+    """A LISTEN connection read on demand, with no thread: how a publish task that keeps its
+    leases learns of new rows (``outbox_tasks.serving``).
+
+    :meth:`listen` before the task's first select (so no insert committed after it goes
+    unnoticed), :meth:`wait` between batches, :meth:`unlisten` when the task ends: a connection
+    that listens while nobody reads it would make PostgreSQL queue notifications for it
+    without bound. Any error closes the connection and reports "not listening"; the caller then
+    behaves as without the wake-up path (the next :meth:`listen` reconnects).
+    """
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        application_name: str = "outbox_tasks.serve",
+        connect_timeout: int = 10,
+    ) -> None:
+        self.conninfo = conninfo
+        self.application_name = application_name
+        self.connect_timeout = connect_timeout
+        self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+
+    def listen(self) -> bool:
+        """Start listening (connecting if needed); False when the database cannot be reached."""
+        try:
+            if self._conn is None or self._conn.closed:
+                self._conn = psycopg.connect(
+                    self.conninfo,
+                    autocommit=True,
+                    application_name=self.application_name,
+                    connect_timeout=self.connect_timeout,
+                )
+            self._conn.execute(f"LISTEN {CHANNEL}")
+        except Exception as error:
+            self._broken(error)
+            return False
+        return True
+
+    def wait(self, timeout: float) -> list[str] | None:
+        """The payloads of the notifications that arrive within ``timeout`` seconds (at the
+        first one, whatever else is already there, without waiting more); [] when none came;
+        None when not listening (the connection failed and was closed)."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            return None
+        try:
+            payloads = [n.payload for n in conn.notifies(timeout=max(0.0, timeout), stop_after=1)]
+            if payloads:
+                payloads += [n.payload for n in conn.notifies(timeout=0.0)]
+        except Exception as error:
+            self._broken(error)
+            return None
+        return payloads
+
+    def unlisten(self) -> None:
+        """Stop listening and drop what was queued; the connection stays open for the next
+        :meth:`listen`."""
+        conn = self._conn
+        if conn is None or conn.closed:
+            return
+        try:
+            conn.execute(f"UNLISTEN {CHANNEL}")
+            for _ in conn.notifies(timeout=0.0):
+                pass
+        except Exception as error:
+            self._broken(error)
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def _broken(self, error: Exception) -> None:
+        event(
+            log,
+            logging.WARNING,
+            "wakeup_waiter_error",
+            "a publish task stopped listening for new rows; polling covers",
+            error=str(error).strip()[:300],
+        )
+        self.close()

@@ -9,6 +9,7 @@ Settings come from the app's module, built once per process.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import shutil
@@ -27,6 +28,7 @@ from celery.signals import (
     worker_process_shutdown,
     worker_shutdown,
 )
+from celery.worker import state as worker_state
 from celery.worker.control import control_command, inspect_command
 from sqlalchemy.engine import Engine
 
@@ -57,7 +59,7 @@ from outbox_tasks.relay import Relay, claim_partition, hand_back
 from outbox_tasks.settings import Settings
 from outbox_tasks.store.records import Lease
 from outbox_tasks.store.relay import PostgresRelayStore
-from outbox_tasks.wakeup import WakeupListener
+from outbox_tasks.wakeup import NotificationWaiter, WakeupListener
 
 log = get_logger("worker")
 
@@ -81,8 +83,11 @@ class ProcessRuntime:
         self._engine: Engine | None = None
         self._relay: Relay | None = None
         self._dead_publisher: BrokerPublisher | None = None
+        self._waiter: NotificationWaiter | None = None
         # Kept across forks: the metric objects belong to the process registry, not a socket.
         self._metrics: RelayMetrics | None = None
+        # Pool processes of this worker (set in the main process before the pool forks).
+        self.concurrency: int | None = None
 
     def _this_process(self) -> None:
         if self._pid != os.getpid():
@@ -91,6 +96,7 @@ class ProcessRuntime:
             self._engine = None
             self._relay = None
             self._dead_publisher = None
+            self._waiter = None  # the parent's socket: never used (nor closed) here
 
     def engine(self) -> Engine:
         """This process's engine (a pool of two connections)."""
@@ -126,6 +132,24 @@ class ProcessRuntime:
         if self._metrics is None:
             self._metrics = RelayMetrics()
         return self._metrics
+    def waiter(self) -> NotificationWaiter | None:
+        """This process's LISTEN connection for serving publish tasks; None with the wake-up
+        path off (OUTBOX_WAKEUP_ENABLED=false)."""
+        self._this_process()
+        if not self.settings.wakeup_enabled:
+            return None
+        if self._waiter is None:
+            self._waiter = NotificationWaiter(
+                self.settings.libpq_url, application_name=f"{self.settings.application_name}.serve"
+            )
+        return self._waiter
+
+    def share(self) -> int:
+        """How many partitions one process serves at most: its fair share of this worker's
+        (all of them when the pool size is unknown)."""
+        if not self.concurrency:
+            return self.settings.partitions
+        return -(-self.settings.partitions // self.concurrency)
 
     def dead_publisher(self) -> BrokerPublisher:
         """This process's publisher to the dead-letter exchange."""
@@ -364,10 +388,16 @@ def _on_worker_init(sender: Any = None, **kwargs: Any) -> None:
     configure()
     MetricsServer.worker = sender
     Deployment.start()
+    runtime.concurrency = getattr(sender, "concurrency", None)
     try:
         MetricsServer.start(runtime.settings.metrics_port)
     except Exception as error:
         event(log, logging.WARNING, "metrics_unavailable", "metrics setup failed", error=str(error))
+    # Before the pool forks: objects made so far (imports, the app) leave the collector's
+    # care, so the children do not copy the pages the collector would write to (about
+    # 25 MiB of PSS less with two pool processes).
+    gc.collect()
+    gc.freeze()
 
 
 @worker_process_shutdown.connect
@@ -408,6 +438,14 @@ class StoreClaimer:
         return hand_back(self.store, lease)
 
 
+def pool_is_busy(worker: Any) -> bool:
+    """True when every pool process of ``worker`` (Celery's WorkController) runs a task."""
+    concurrency = getattr(worker, "concurrency", None)
+    if not concurrency:
+        return False
+    return len(worker_state.active_requests) >= int(concurrency)
+
+
 class WakeupStep(bootsteps.StartStopStep):  # type: ignore[misc]
     """Runs the NOTIFY listener in the worker's main process (OUTBOX_WAKEUP_ENABLED)."""
 
@@ -435,6 +473,11 @@ class WakeupStep(bootsteps.StartStopStep):  # type: ignore[misc]
         gauge.listening(False)
 
         def on_partitions(partitions: set[int]) -> None:
+            if pool_is_busy(worker):
+                # Every pool process runs a task: a publish task queued now would wait for one
+                # of them, while serving tasks (outbox_tasks.serving) hear the same
+                # notification and claim the partition in place.
+                return
             claim_and_dispatch(claimer, sorted(partitions))
 
         self.listener = WakeupListener.from_settings(

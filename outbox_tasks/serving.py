@@ -1,0 +1,153 @@
+"""A publish task that keeps its leases while their partitions stay busy (issue 12).
+
+Without it every burst of events costs a claim, a Celery message and a publish task that takes
+the lease over, selects, publishes, finishes and releases (four to six transactions and two
+hops for one event). Serving, the task that drained its partition stays: it listens for the
+outbox trigger's NOTIFY itself and publishes new rows of the partitions it holds at once, with
+no claim, no take-over and no Celery message. A notification for a partition nobody holds is
+claimed in place, up to the process's fair share of the partitions, so one process serves
+several partitions together.
+
+What stays as it was: a partition is handed back when it has been idle for one poll interval
+(another process may take it) and every lease is handed back when the task's time budget
+(``publish_task_seconds``) is spent (fairness, warm shutdown); a partition that still has work
+then is claimed again at once by the caller. Every guarantee is the relay's: the leases, their
+fencing and the in-flight records are the same; serving only decides when to select again.
+With the wake-up path off, or when the listening connection fails, a task publishes once and
+returns, as before.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from outbox_tasks.logs import event, get_logger
+from outbox_tasks.relay import Holding, PublishReport, Relay
+from outbox_tasks.wakeup import partitions_for
+
+log = get_logger("serving")
+
+
+class Waiter(Protocol):
+    """What serving needs of ``wakeup.NotificationWaiter``: see its methods."""
+
+    def listen(self) -> bool: ...
+    def wait(self, timeout: float) -> list[str] | None: ...
+    def unlisten(self) -> None: ...
+
+
+@dataclass
+class ServeReport:
+    """What one serving task did: one report per lease it held (a partition handed back and
+    claimed again has two); ``more`` lists the partitions handed back with work left (the
+    caller claims them again at once)."""
+
+    reports: list[PublishReport] = field(default_factory=list)
+    more: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "partitions": sorted({r.partition for r in self.reports}),
+            "leases": len(self.reports),
+            "batches": sum(r.batches for r in self.reports),
+            "published": sum(r.published for r in self.reports),
+            "failed": sum(r.failed for r in self.reports),
+            "more": self.more,
+            "lease_lost": any(r.lease_lost for r in self.reports),
+            "circuit_open": any(r.circuit_open for r in self.reports),
+        }
+
+
+def serve(
+    relay: Relay,
+    waiter: Waiter | None,
+    partition: int,
+    epoch: int,
+    partition_count: int | None = None,
+    *,
+    share: int | None = None,
+    wall: Callable[[], float] = time.time,
+) -> ServeReport:
+    """Adopt the lease on ``partition`` (granted with ``epoch``), publish its due rows, and keep
+    serving it, and up to ``share`` partitions in all (default: every one), while they stay
+    busy: a partition is busy while notifications for it keep coming, at most one poll interval
+    apart. The first partition counts as busy if the newest row it published was committed
+    within the last poll interval (``wall`` is the time now, in seconds since the epoch): a
+    backlog loaded long ago is drained and handed back at once. Raises what the relay raises
+    (``DatabaseUnavailable``: unmarked rows stay pending, the leases expire)."""
+    settings = relay.settings
+    now = relay.clock
+    n = partition_count or settings.partitions
+    limit = max(1, min(share or n, n))
+    idle = settings.poll_interval_seconds
+    result = ServeReport()
+    listening = waiter is not None and waiter.listen()
+    budget_end = now() + settings.publish_task_seconds
+    held: dict[int, Holding] = {}
+    notified: dict[int, float] = {}  # partition -> when a notification for it last came
+    refused: dict[int, float] = {}  # partition -> when a claim of it last found it taken
+    try:
+        first = relay.adopt(partition, epoch, n)
+        result.reports.append(first.report)
+        if first.lease is None:
+            return result
+        held[partition] = first
+        relay.drain(first, until=budget_end)
+        newest = first.report.newest_row_at
+        if newest is not None and wall() - newest.timestamp() < idle:
+            notified[partition] = now()  # a stream, not a backlog: wait for its next rows
+        while listening and held and now() < budget_end:
+            for p in [p for p, h in held.items() if h.report.lease_lost]:
+                del held[p]  # the lease is someone else's now: nothing to hand back
+            if relay.circuit.is_open:
+                break
+            # Wait while a held partition is busy; the first time, only take what is there.
+            busy_until = max((notified[p] + idle for p in held if p in notified), default=0.0)
+            assert waiter is not None
+            payloads = waiter.wait(min(max(0.0, busy_until - now()), budget_end - now()))
+            if payloads is None:
+                break  # not listening any more: behave as without the wake-up path
+            at = now()
+            for p in sorted(partitions_for(payloads, n)):
+                notified[p] = at
+                holding = held.get(p)
+                if holding is None:
+                    if len(held) >= limit or at - refused.get(p, -idle) < idle:
+                        continue
+                    lease = None if relay.circuit.is_open else relay.claim(p, n)
+                    if lease is None:
+                        refused[p] = at  # someone else serves it, or nothing is due
+                        continue
+                    holding = held[p] = relay.hold(lease)
+                    result.reports.append(holding.report)
+                relay.drain(holding, until=budget_end)
+            # Hand back the partitions that were idle for a whole poll interval.
+            for p in [p for p in held if now() - notified.get(p, -idle) >= idle]:
+                _hand_back(relay, held.pop(p), result)
+    finally:
+        for holding in held.values():
+            _hand_back(relay, holding, result)
+        if listening and waiter is not None:
+            waiter.unlisten()
+    return result
+
+
+def _hand_back(relay: Relay, holding: Holding, result: ServeReport) -> None:
+    report = relay.release(holding)
+    wanted = report.more and not report.circuit_open and not report.lease_lost
+    if wanted and report.partition not in result.more:
+        result.more.append(report.partition)
+    event(
+        log,
+        logging.DEBUG,
+        "lease_handed_back",
+        "partition handed back",
+        partition=report.partition,
+        epoch=report.epoch,
+        published=report.published,
+        more=report.more,
+    )
