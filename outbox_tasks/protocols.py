@@ -52,7 +52,13 @@ class RelayTransaction(Protocol):
     ) -> None: ...
     def lock_overlapping_leases(self, partition_count: int, slot_lo: int, slot_hi: int) -> None: ...
     def grant_lease(
-        self, partition_count: int, partition: int, owner: str, lease_seconds: float
+        self,
+        partition_count: int,
+        partition: int,
+        owner: str,
+        lease_seconds: float,
+        *,
+        take_queued_after: float | None = None,
     ) -> Lease | None: ...
     def take_over_lease(
         self, *, partition_count: int, partition: int, epoch: int, owner: str, lease_seconds: float
@@ -72,6 +78,7 @@ class RelayTransaction(Protocol):
     def pending_seqs(
         self, max_seq_by_aggregate: dict[tuple[str, str], int]
     ) -> dict[tuple[str, str], list[int]]: ...
+    def relax_commit(self) -> None: ...
     def finish_batch(
         self,
         lease: Lease,
@@ -92,6 +99,10 @@ class RelayStore(Protocol):
     """
 
     def transaction(self, what: str = ...) -> AbstractContextManager[RelayTransaction]: ...
+    def session(self) -> AbstractContextManager[None]:
+        """The transactions of the block run on one connection (a serving task's many small
+        ones); nothing changes for what they do."""
+        ...
 
 
 class Observer(Protocol):

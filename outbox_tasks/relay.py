@@ -37,7 +37,7 @@ from outbox_tasks.retry import system_jitter
 from outbox_tasks.sending import failures as record_failures
 from outbox_tasks.sending import send_batch
 from outbox_tasks.settings import Settings
-from outbox_tasks.store.records import Lease, Row
+from outbox_tasks.store.records import QUEUED_PREFIX, Lease, Row
 
 log = get_logger("relay")
 
@@ -94,11 +94,18 @@ def claim_partition(
     owner: str,
     partition: int,
     partition_count: int | None = None,
+    queued: bool = False,
+    take_queued_after: float | None = None,
 ) -> Lease | None:
     """Grant ``owner`` a lease on ``partition`` (of ``partition_count``, default
     ``settings.partitions``) if it has due rows and nobody holds it; None otherwise. Idempotent:
     a duplicate claim while the lease is live changes nothing. Needs no publisher, so the wake-up
-    listener claims with it too. Raises what the store raises (``DatabaseUnavailable``)."""
+    listener claims with it too. Raises what the store raises (``DatabaseUnavailable``).
+
+    ``queued``: the lease is for a publish task about to be queued (its owner gets
+    ``QUEUED_PREFIX`` until the task takes it over). ``take_queued_after``: also take such a
+    lease whose task has not started within that many seconds (a serving process, which would
+    otherwise wait for a task stuck behind busy pool processes)."""
     n = partition_count or settings.partitions
     lo, hi = slot_range(partition, n)
     with store.transaction("claim") as tx:
@@ -107,7 +114,13 @@ def claim_partition(
         tx.lock_lease_table()
         tx.ensure_partition_row(n, partition, lo, hi)
         tx.lock_overlapping_leases(n, lo, hi)
-        lease = tx.grant_lease(n, partition, owner, settings.lease_seconds)
+        lease = tx.grant_lease(
+            n,
+            partition,
+            QUEUED_PREFIX + owner if queued else owner,
+            settings.lease_seconds,
+            take_queued_after=take_queued_after,
+        )
     if lease is not None:
         event(
             log,
@@ -187,7 +200,14 @@ class Relay:
 
     # --- claim ------------------------------------------------------------------------------
 
-    def claim(self, partition: int, partition_count: int | None = None) -> Lease | None:
+    def claim(
+        self,
+        partition: int,
+        partition_count: int | None = None,
+        *,
+        queued: bool = False,
+        take_queued_after: float | None = None,
+    ) -> Lease | None:
         """Grant a lease on ``partition`` if it has due rows and nobody holds it (see
         :func:`claim_partition`); None while the broker circuit is open."""
         if self.circuit.is_open:
@@ -198,6 +218,8 @@ class Relay:
             owner=self.owner,
             partition=partition,
             partition_count=partition_count,
+            queued=queued,
+            take_queued_after=take_queued_after,
         )
 
     def hand_back(self, lease: Lease) -> bool:
@@ -210,10 +232,11 @@ class Relay:
         self, partition: int, epoch: int, partition_count: int | None = None
     ) -> PublishReport:
         """Drain one leased partition for up to ``publish_task_seconds``, then release it."""
-        holding = self.adopt(partition, epoch, partition_count)
-        if holding.lease is not None:
-            self.drain(holding, until=self.clock() + self.settings.publish_task_seconds)
-            self.release(holding)
+        with self._store.session():
+            holding = self.adopt(partition, epoch, partition_count)
+            if holding.lease is not None:
+                self.drain(holding, until=self.clock() + self.settings.publish_task_seconds)
+                self.release(holding)
         return holding.report
 
     def adopt(self, partition: int, epoch: int, partition_count: int | None = None) -> Holding:
@@ -365,6 +388,9 @@ class Relay:
         ok_ids = [row.id for row in ok_rows]
         maybe_sent = [row.id for row in batch if str(row.id) in sent.maybe_sent]
         with self._store.transaction("finish batch") as tx:
+            # The in-flight record makes this commit safe to lose in a server crash (resent,
+            # marked redelivered): it need not wait for the disk.
+            tx.relax_commit()
             finish = tx.finish_batch(
                 lease,
                 ok_ids,

@@ -31,6 +31,10 @@ from outbox_tasks.wakeup import partitions_for
 
 log = get_logger("serving")
 
+# A publish task normally starts within milliseconds of its claim; one whose lease is still
+# unclaimed by it after this long waits behind busy pool processes: a serving task takes it.
+QUEUED_GRACE_SECONDS = 0.5
+
 
 class Waiter(Protocol):
     """What serving needs of ``wakeup.NotificationWaiter``: see its methods."""
@@ -79,61 +83,86 @@ def serve(
     within the last poll interval (``wall`` is the time now, in seconds since the epoch): a
     backlog loaded long ago is drained and handed back at once. Raises what the relay raises
     (``DatabaseUnavailable``: unmarked rows stay pending, the leases expire)."""
-    settings = relay.settings
-    now = relay.clock
-    n = partition_count or settings.partitions
-    limit = max(1, min(share or n, n))
-    idle = settings.poll_interval_seconds
-    result = ServeReport()
-    listening = waiter is not None and waiter.listen()
-    budget_end = now() + settings.publish_task_seconds
-    held: dict[int, Holding] = {}
-    notified: dict[int, float] = {}  # partition -> when a notification for it last came
-    refused: dict[int, float] = {}  # partition -> when a claim of it last found it taken
-    try:
-        first = relay.adopt(partition, epoch, n)
-        result.reports.append(first.report)
-        if first.lease is None:
-            return result
-        held[partition] = first
-        relay.drain(first, until=budget_end)
-        newest = first.report.newest_row_at
-        if newest is not None and wall() - newest.timestamp() < idle:
-            notified[partition] = now()  # a stream, not a backlog: wait for its next rows
-        while listening and held and now() < budget_end:
-            for p in [p for p, h in held.items() if h.report.lease_lost]:
-                del held[p]  # the lease is someone else's now: nothing to hand back
-            if relay.circuit.is_open:
-                break
-            # Wait while a held partition is busy; the first time, only take what is there.
-            busy_until = max((notified[p] + idle for p in held if p in notified), default=0.0)
-            assert waiter is not None
-            payloads = waiter.wait(min(max(0.0, busy_until - now()), budget_end - now()))
-            if payloads is None:
-                break  # not listening any more: behave as without the wake-up path
-            at = now()
-            for p in sorted(partitions_for(payloads, n)):
-                notified[p] = at
-                holding = held.get(p)
-                if holding is None:
-                    if len(held) >= limit or at - refused.get(p, -idle) < idle:
-                        continue
-                    lease = None if relay.circuit.is_open else relay.claim(p, n)
-                    if lease is None:
-                        refused[p] = at  # someone else serves it, or nothing is due
-                        continue
-                    holding = held[p] = relay.hold(lease)
-                    result.reports.append(holding.report)
-                relay.drain(holding, until=budget_end)
-            # Hand back the partitions that were idle for a whole poll interval.
-            for p in [p for p in held if now() - notified.get(p, -idle) >= idle]:
-                _hand_back(relay, held.pop(p), result)
-    finally:
-        for holding in held.values():
-            _hand_back(relay, holding, result)
-        if listening and waiter is not None:
-            waiter.unlisten()
-    return result
+    n = partition_count or relay.settings.partitions
+    server = _Server(relay, waiter, n, max(1, min(share or n, n)), wall)
+    # One connection for the task's many small transactions.
+    with relay.store.session():
+        server.run(partition, epoch)
+    return server.result
+
+
+@dataclass
+class _Server:
+    relay: Relay
+    waiter: Waiter | None
+    partition_count: int
+    limit: int
+    wall: Callable[[], float]
+    result: ServeReport = field(default_factory=ServeReport)
+    held: dict[int, Holding] = field(default_factory=dict)
+    notified: dict[int, float] = field(default_factory=dict)
+    """Partition -> when a notification for it last came."""
+    refused: dict[int, float] = field(default_factory=dict)
+    """Partition -> when a claim of it last found it taken (tried again after the grace)."""
+
+    def run(self, partition: int, epoch: int) -> None:
+        relay, waiter, n = self.relay, self.waiter, self.partition_count
+        now, idle = relay.clock, relay.settings.poll_interval_seconds
+        listening = waiter is not None and waiter.listen()
+        budget_end = now() + relay.settings.publish_task_seconds
+        try:
+            first = relay.adopt(partition, epoch, n)
+            self.result.reports.append(first.report)
+            if first.lease is None:
+                return
+            self.held[partition] = first
+            relay.drain(first, until=budget_end)
+            newest = first.report.newest_row_at
+            if newest is not None and self.wall() - newest.timestamp() < idle:
+                self.notified[partition] = now()  # a stream, not a backlog: wait for more
+            while listening and waiter is not None and self.held and now() < budget_end:
+                for p in [p for p, h in self.held.items() if h.report.lease_lost]:
+                    del self.held[p]  # someone else's lease now: nothing to hand back
+                if relay.circuit.is_open:
+                    break
+                # Wait while a held partition is busy; else only take what is there.
+                busy_until = max(
+                    (self.notified[p] + idle for p in self.held if p in self.notified),
+                    default=0.0,
+                )
+                payloads = waiter.wait(min(max(0.0, busy_until - now()), budget_end - now()))
+                if payloads is None:
+                    break  # not listening any more: behave as without the wake-up path
+                for p in sorted(partitions_for(payloads, n)):
+                    self.notified[p] = now()
+                    holding = self.held.get(p) or self._claim(p)
+                    if holding is not None:
+                        relay.drain(holding, until=budget_end)
+                # Hand back the partitions that were idle for a whole poll interval.
+                for p in [p for p in self.held if now() - self.notified.get(p, -idle) >= idle]:
+                    _hand_back(relay, self.held.pop(p), self.result)
+        finally:
+            for holding in self.held.values():
+                _hand_back(relay, holding, self.result)
+            self.held.clear()
+            if listening and waiter is not None:
+                waiter.unlisten()
+
+    def _claim(self, partition: int) -> Holding | None:
+        """Claim a notified partition nobody serves, if this task has room for it."""
+        at = self.relay.clock()
+        retry_at = self.refused.get(partition, at - QUEUED_GRACE_SECONDS) + QUEUED_GRACE_SECONDS
+        if len(self.held) >= self.limit or at < retry_at:
+            return None
+        lease = self.relay.claim(
+            partition, self.partition_count, take_queued_after=QUEUED_GRACE_SECONDS
+        )
+        if lease is None:
+            self.refused[partition] = at  # someone else serves it, or nothing is due
+            return None
+        holding = self.held[partition] = self.relay.hold(lease)
+        self.result.reports.append(holding.report)
+        return holding
 
 
 def _hand_back(relay: Relay, holding: Holding, result: ServeReport) -> None:

@@ -44,7 +44,8 @@ def claim(partition: int | None = None, partition_count: int | None = None) -> d
     n = partition_count or runtime.settings.partitions
     wanted = list(range(n)) if partition is None else [partition]
     try:
-        dispatched = claim_and_dispatch(relay, wanted, n)
+        with relay.store.session():
+            dispatched = claim_and_dispatch(relay, wanted, n)
     except DatabaseUnavailable as error:
         event(log, logging.WARNING, "database_unavailable", "claim skipped", error=str(error))
         return {"granted": [], "error": "database_unavailable"}

@@ -67,7 +67,9 @@ log = get_logger("worker")
 class Claimer(Protocol):
     """Claims partitions and hands back a lease it could not dispatch (a Relay is one)."""
 
-    def claim(self, partition: int, partition_count: int | None = None) -> Lease | None: ...
+    def claim(
+        self, partition: int, partition_count: int | None = None, *, queued: bool = False
+    ) -> Lease | None: ...
 
     def hand_back(self, lease: Lease) -> bool: ...
 
@@ -132,6 +134,7 @@ class ProcessRuntime:
         if self._metrics is None:
             self._metrics = RelayMetrics()
         return self._metrics
+
     def waiter(self) -> NotificationWaiter | None:
         """This process's LISTEN connection for serving publish tasks; None with the wake-up
         path off (OUTBOX_WAKEUP_ENABLED=false)."""
@@ -177,10 +180,16 @@ class Dispatched:
 
 
 def claim_and_dispatch(
-    claimer: Claimer, partitions: Iterable[int], partition_count: int | None = None
+    claimer: Claimer,
+    partitions: Iterable[int],
+    partition_count: int | None = None,
+    *,
+    at_most: int | None = None,
 ) -> Dispatched:
-    """Claim each partition; enqueue an ``outbox.publish`` task for every lease granted (it
-    expires with the lease).
+    """Claim each partition (at most ``at_most`` granted); enqueue an ``outbox.publish`` task
+    for every lease granted (it expires with the lease). The lease is marked queued until the
+    task takes it over, so a serving task may take it if the queue holds it up
+    (``outbox_tasks.serving``).
 
     A lease whose task could not be enqueued (Celery's broker unreachable or timing out, or any
     other error of the send) is handed back at once, so the partition does not wait out
@@ -188,7 +197,9 @@ def claim_and_dispatch(
     ``DatabaseUnavailable`` from the claims (a lease granted before stays until it expires)."""
     dispatched = Dispatched()
     for partition in partitions:
-        lease = claimer.claim(partition, partition_count)
+        if at_most is not None and len(dispatched.granted) >= at_most:
+            break
+        lease = claimer.claim(partition, partition_count, queued=True)
         if lease is None:
             continue
         try:
@@ -425,25 +436,29 @@ class StoreClaimer:
         self.store = PostgresRelayStore(engine)
         self.owner = owner
 
-    def claim(self, partition: int, partition_count: int | None = None) -> Lease | None:
+    def claim(
+        self, partition: int, partition_count: int | None = None, *, queued: bool = False
+    ) -> Lease | None:
         return claim_partition(
             self.store,
             self.settings,
             owner=self.owner,
             partition=partition,
             partition_count=partition_count,
+            queued=queued,
         )
 
     def hand_back(self, lease: Lease) -> bool:
         return hand_back(self.store, lease)
 
 
-def pool_is_busy(worker: Any) -> bool:
-    """True when every pool process of ``worker`` (Celery's WorkController) runs a task."""
+def free_pool_processes(worker: Any) -> int | None:
+    """Pool processes of ``worker`` (Celery's WorkController) with no task received for them
+    (running or waiting); None when the pool size is unknown."""
     concurrency = getattr(worker, "concurrency", None)
     if not concurrency:
-        return False
-    return len(worker_state.active_requests) >= int(concurrency)
+        return None
+    return max(0, int(concurrency) - len(worker_state.reserved_requests))
 
 
 class WakeupStep(bootsteps.StartStopStep):  # type: ignore[misc]
@@ -473,12 +488,12 @@ class WakeupStep(bootsteps.StartStopStep):  # type: ignore[misc]
         gauge.listening(False)
 
         def on_partitions(partitions: set[int]) -> None:
-            if pool_is_busy(worker):
-                # Every pool process runs a task: a publish task queued now would wait for one
-                # of them, while serving tasks (outbox_tasks.serving) hear the same
-                # notification and claim the partition in place.
-                return
-            claim_and_dispatch(claimer, sorted(partitions))
+            # A publish task per free pool process at most: one queued behind busy processes
+            # would hold its partition while serving tasks (outbox_tasks.serving), which hear
+            # the same notification, can claim it in place at once.
+            free = free_pool_processes(worker)
+            if free:
+                claim_and_dispatch(claimer, sorted(partitions), at_most=free)
 
         self.listener = WakeupListener.from_settings(
             settings, on_partitions, on_listening=gauge.listening

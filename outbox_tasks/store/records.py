@@ -11,6 +11,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+QUEUED_PREFIX = "queued:"
+"""Owner prefix of a lease granted for a publish task that has yet to start (a take-over
+replaces the owner); see ``store.relay.grant_lease``."""
+
 
 @dataclass(frozen=True, slots=True)
 class Lease:

@@ -24,8 +24,8 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
 from outbox_tasks.db import translate_errors
-from outbox_tasks.store.finish import finish_batch
-from outbox_tasks.store.records import Lease, Row
+from outbox_tasks.store.finish import finish_batch, relax_commit
+from outbox_tasks.store.records import QUEUED_PREFIX, Lease, Row
 
 # Serializes lease grants across partition counts (repartitioning, DESIGN 4.2). Held for one
 # short transaction per grant; the value is arbitrary but fixed ("outbox" in ASCII).
@@ -112,7 +112,12 @@ _GRANT = text(
         ),
         inflight_ids = NULL
     WHERE l.partition_count = :n AND l.partition = :p
-      AND (l.leased_until IS NULL OR l.leased_until <= clock_timestamp())
+      AND (l.leased_until IS NULL OR l.leased_until <= clock_timestamp()
+           -- Held for a publish task still queued (never taken over) for :queued_after s.
+           OR (CAST(:queued_after AS float8) IS NOT NULL
+               AND starts_with(l.owner, :queued_prefix)
+               AND l.granted_at
+                   <= clock_timestamp() - make_interval(secs => CAST(:queued_after AS float8))))
       -- Repartitioning: never grant a range that overlaps a live lease of another count.
       AND NOT EXISTS (
           SELECT 1 FROM outbox_partition o
@@ -126,12 +131,27 @@ _GRANT = text(
 
 
 def grant_lease(
-    conn: Connection, partition_count: int, partition: int, owner: str, lease_seconds: float
+    conn: Connection,
+    partition_count: int,
+    partition: int,
+    owner: str,
+    lease_seconds: float,
+    *,
+    take_queued_after: float | None = None,
 ) -> Lease | None:
-    """Lease a partition if it is free; None when another holder's lease is live."""
+    """Lease a partition if it is free; None when another holder's lease is live. With
+    ``take_queued_after``, a lease held that long for a publish task still in the queue (owner
+    ``QUEUED_PREFIX...``, never taken over) counts as free: that task will find it gone."""
     row = conn.execute(
         _GRANT,
-        {"n": partition_count, "p": partition, "owner": owner, "lease_seconds": lease_seconds},
+        {
+            "n": partition_count,
+            "p": partition,
+            "owner": owner,
+            "lease_seconds": lease_seconds,
+            "queued_after": take_queued_after,
+            "queued_prefix": QUEUED_PREFIX,
+        },
     ).one_or_none()
     return None if row is None else _lease(row, partition_count, partition, owner)
 
@@ -383,11 +403,31 @@ class PostgresRelayStore:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._pinned: Connection | None = None
 
     @contextmanager
     def transaction(self, what: str = "relay") -> Iterator[PostgresRelayTransaction]:
+        pinned = self._pinned
+        if pinned is not None:
+            with translate_errors(what), pinned.begin():
+                yield PostgresRelayTransaction(pinned)
+            return
         with translate_errors(what), self.engine.begin() as conn:
             yield PostgresRelayTransaction(conn)
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Run the transactions of the block on one connection, checked out (and pinged) once
+        instead of once per transaction. Not thread-safe."""
+        if self._pinned is not None:
+            yield
+            return
+        with translate_errors("connect"), self.engine.connect() as conn:
+            self._pinned = conn
+            try:
+                yield
+            finally:
+                self._pinned = None
 
 
 def _bound(
@@ -420,3 +460,4 @@ class PostgresRelayTransaction:
     select_candidates = _bound(select_candidates)
     pending_seqs = _bound(pending_seqs)
     finish_batch = _bound(finish_batch)
+    relax_commit = _bound(relax_commit)

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from outbox_tasks.schema import OutboxMessage, slot_of
-from outbox_tasks.store.records import Failure, FinishResult, Lease, Row
+from outbox_tasks.store.records import QUEUED_PREFIX, Failure, FinishResult, Lease, Row
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +91,7 @@ class LeaseRecord:
     epoch: int = 0
     owner: str | None = None
     leased_until: float | None = None
+    granted_at: float | None = None
     inflight_ids: frozenset[uuid.UUID] = frozenset()
     redeliver_ids: frozenset[uuid.UUID] = frozenset()
     cursor_slot: int | None = None
@@ -248,6 +249,11 @@ class InMemoryRelayStore:
             finally:
                 tx.closed = True
 
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Nothing to hold in memory: transactions are the same inside and outside."""
+        yield
+
     def _timestamp(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
 
@@ -275,6 +281,9 @@ class InMemoryRelayTransaction:
     def lock_lease_table(self) -> None:
         """Nothing to do: transactions already run one at a time."""
 
+    def relax_commit(self) -> None:
+        """Nothing to do: nothing in memory survives a crash anyway."""
+
     def lock_overlapping_leases(self, partition_count: int, slot_lo: int, slot_hi: int) -> None:
         """Nothing to do: transactions already run one at a time."""
 
@@ -286,11 +295,25 @@ class InMemoryRelayTransaction:
             self._put_lease(LeaseRecord(partition_count, partition, slot_lo, slot_hi))
 
     def grant_lease(
-        self, partition_count: int, partition: int, owner: str, lease_seconds: float
+        self,
+        partition_count: int,
+        partition: int,
+        owner: str,
+        lease_seconds: float,
+        *,
+        take_queued_after: float | None = None,
     ) -> Lease | None:
         now = self._now
         record = self._leases.get((partition_count, partition))
-        if record is None or record.live(now):
+        if record is None:
+            return None
+        queued_long = (
+            take_queued_after is not None
+            and (record.owner or "").startswith(QUEUED_PREFIX)
+            and record.granted_at is not None
+            and record.granted_at <= now - take_queued_after
+        )
+        if record.live(now) and not queued_long:
             return None
         overlapping = [o for o in self._leases.values() if o.overlaps(record)]
         if any(o.partition_count != partition_count and o.live(now) for o in overlapping):
@@ -301,6 +324,7 @@ class InMemoryRelayTransaction:
             epoch=record.epoch + 1,
             owner=owner,
             leased_until=now + lease_seconds,
+            granted_at=now,
             redeliver_ids=frozenset(i for i in maybe_sent if self._is_pending(i)),
             inflight_ids=frozenset(),
         )

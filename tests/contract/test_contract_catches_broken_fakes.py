@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import replace
 from typing import Any
 
@@ -121,6 +121,9 @@ def broken(kind: type[_Wrapped]) -> Callable[[InMemoryRelayStore], RelayStore]:
         def transaction(self, what: str = "relay") -> Iterator[Any]:
             with self.memory.transaction(what) as tx:
                 yield kind(tx, self.memory)
+
+        def session(self) -> AbstractContextManager[None]:
+            return self.memory.session()
 
     return BrokenStore
 

@@ -275,3 +275,39 @@ def test_a_new_partition_count_waits_for_the_old_leases_and_resends_their_batch(
     assert drain(backend.relay(two, owner="new")) == 12
     flagged = {s.event_id for s in backend.sent(12) if s.redelivered}
     assert flagged == set(strs(batch))
+
+
+def test_a_lease_held_for_a_publish_task_stuck_in_the_queue_can_be_taken_after_a_grace(
+    backend: Backend,
+) -> None:
+    """A claim for a queued publish task marks its lease queued; a serving process may take it
+    once the task has not started within the grace; the task then finds its lease gone. A lease
+    its task took over is never taken so."""
+    settings = backend.settings.with_changes(partitions=1)
+    backend.add(("Order", "1"))
+    queued = claim_partition(backend.store, settings, owner="tick", partition=0, queued=True)
+    assert queued is not None
+    server = backend.relay(settings, owner="server")
+
+    assert server.claim(0, take_queued_after=0.2) is None, "within the grace: left alone"
+    assert server.claim(0) is None, "without asking: a live lease"
+    backend.wait(0.3)
+    taken = server.claim(0, take_queued_after=0.2)
+
+    assert taken is not None and taken.epoch == queued.epoch + 1
+    stuck = backend.relay(settings, owner="stuck").publish(0, queued.epoch)
+    assert stuck.published == 0 and not stuck.lease_lost
+    assert server.publish(0, taken.epoch).published == 1
+    # A lease its publish task has taken over is no queued lease.
+    backend.add(("Order", "1"))
+    again = claim_partition(backend.store, settings, owner="tick", partition=0, queued=True)
+    assert again is not None
+    holder = backend.relay(settings, owner="holder")
+    with backend.store.transaction() as tx:
+        adopted = tx.take_over_lease(
+            partition_count=1, partition=0, epoch=again.epoch, owner="holder", lease_seconds=30
+        )
+    assert adopted is not None
+    backend.wait(0.3)
+    assert server.claim(0, take_queued_after=0.2) is None
+    assert holder.publish(0, again.epoch).published == 1

@@ -6,6 +6,7 @@ latency is measured by ``python -m bench latency``."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from outbox_tasks.partitioning import partition_of, slot_of
 from outbox_tasks.relay import Relay
@@ -256,12 +257,30 @@ def test_a_partition_another_process_serves_is_not_claimed_again_on_every_notifi
     claims: list[int] = []
     claim = relay.claim
 
-    def spy(partition: int, partition_count: int | None = None) -> object:
+    def spy(partition: int, partition_count: int | None = None, **options: Any) -> object:
         claims.append(partition)
-        return claim(partition, partition_count)
+        return claim(partition, partition_count, **options)
 
     relay.claim = spy  # type: ignore[method-assign]
 
     serve(relay, w.waiter, 0, lease.epoch, wall=w.clock)
 
-    assert claims == [1]  # tried once; refused for a poll interval after that
+    assert claims == [1]  # tried once; not again within the grace
+
+
+def test_a_partition_whose_queued_task_has_not_started_is_taken_after_the_grace() -> None:
+    w = World()
+    w.add(0)()
+    w.add(1)()
+    # A tick claimed partition 1 for a publish task that waits behind busy pool processes.
+    assert w.relay("tick").claim(1, queued=True) is not None
+    for _ in range(6):
+        w.waiter.then(0.2, w.add(1), notification(1))
+    relay = w.relay()
+    lease = relay.claim(0)
+    assert lease is not None
+
+    result = serve(relay, w.waiter, 0, lease.epoch, wall=w.clock)
+
+    assert 1 in result.as_dict()["partitions"]  # type: ignore[operator]
+    assert sum(1 for r in w.store.rows() if r.pending) == 0
