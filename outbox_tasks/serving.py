@@ -21,12 +21,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from outbox_tasks.logs import event, get_logger
 from outbox_tasks.relay import Holding, PublishReport, Relay
+from outbox_tasks.store.records import Lease
 from outbox_tasks.wakeup import partitions_for
 
 log = get_logger("serving")
@@ -69,25 +70,28 @@ class ServeReport:
 def serve(
     relay: Relay,
     waiter: Waiter | None,
-    partition: int,
-    epoch: int,
+    partition: int | None = None,
+    epoch: int | None = None,
     partition_count: int | None = None,
     *,
+    granted: Sequence[Lease] = (),
     share: int | None = None,
     wall: Callable[[], float] = time.time,
 ) -> ServeReport:
-    """Adopt the lease on ``partition`` (granted with ``epoch``), publish its due rows, and keep
-    serving it, and up to ``share`` partitions in all (default: every one), while they stay
-    busy: a partition is busy while notifications for it keep coming, at most one poll interval
-    apart. The first partition counts as busy if the newest row it published was committed
+    """Adopt the lease on ``partition`` (granted with ``epoch`` for this publish task), take the
+    ``granted`` leases (this relay's own claims), publish their due rows, and keep serving
+    them, and up to ``share`` partitions in all (default: every one), while they stay busy: a
+    partition is busy while notifications for it keep coming, at most one poll interval apart.
+    A partition counts as busy from the start if the newest row it published was committed
     within the last poll interval (``wall`` is the time now, in seconds since the epoch): a
     backlog loaded long ago is drained and handed back at once. Raises what the relay raises
     (``DatabaseUnavailable``: unmarked rows stay pending, the leases expire)."""
     n = partition_count or relay.settings.partitions
     server = _Server(relay, waiter, n, max(1, min(share or n, n)), wall)
+    adopt = [(partition, epoch)] if partition is not None and epoch is not None else []
     # One connection for the task's many small transactions.
     with relay.store.session():
-        server.run(partition, epoch)
+        server.run(adopt, granted)
     return server.result
 
 
@@ -105,21 +109,24 @@ class _Server:
     refused: dict[int, float] = field(default_factory=dict)
     """Partition -> when a claim of it last found it taken (tried again after the grace)."""
 
-    def run(self, partition: int, epoch: int) -> None:
+    def run(self, adopt: list[tuple[int, int]], granted: Sequence[Lease]) -> None:
         relay, waiter, n = self.relay, self.waiter, self.partition_count
         now, idle = relay.clock, relay.settings.poll_interval_seconds
         listening = waiter is not None and waiter.listen()
         budget_end = now() + relay.settings.publish_task_seconds
         try:
-            first = relay.adopt(partition, epoch, n)
-            self.result.reports.append(first.report)
-            if first.lease is None:
-                return
-            self.held[partition] = first
-            relay.drain(first, until=budget_end)
-            newest = first.report.newest_row_at
-            if newest is not None and self.wall() - newest.timestamp() < idle:
-                self.notified[partition] = now()  # a stream, not a backlog: wait for more
+            holdings = [relay.adopt(p, e, n) for p, e in adopt]
+            holdings += [relay.hold(lease) for lease in granted]
+            for holding in holdings:
+                self.result.reports.append(holding.report)
+                if holding.lease is None:
+                    continue
+                self.held[holding.lease.partition] = holding
+                relay.drain(holding, until=budget_end)
+                newest = holding.report.newest_row_at
+                if newest is not None and self.wall() - newest.timestamp() < idle:
+                    # A stream, not a backlog: wait for its next rows.
+                    self.notified[holding.lease.partition] = now()
             while listening and waiter is not None and self.held and now() < budget_end:
                 for p in [p for p, h in self.held.items() if h.report.lease_lost]:
                     del self.held[p]  # someone else's lease now: nothing to hand back
@@ -135,9 +142,9 @@ class _Server:
                     break  # not listening any more: behave as without the wake-up path
                 for p in sorted(partitions_for(payloads, n)):
                     self.notified[p] = now()
-                    holding = self.held.get(p) or self._claim(p)
-                    if holding is not None:
-                        relay.drain(holding, until=budget_end)
+                    serving = self.held.get(p) or self._claim(p)
+                    if serving is not None:
+                        relay.drain(serving, until=budget_end)
                 # Hand back the partitions that were idle for a whole poll interval.
                 for p in [p for p in self.held if now() - self.notified.get(p, -idle) >= idle]:
                     _hand_back(relay, self.held.pop(p), self.result)

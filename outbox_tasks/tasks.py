@@ -6,6 +6,7 @@ deployment sent (``deployment``) is dropped before anything is done."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 from outbox_tasks import deadletter
@@ -24,6 +25,7 @@ from outbox_tasks.errors import BrokerUnavailable, DatabaseUnavailable, describe
 from outbox_tasks.logs import event, get_logger
 from outbox_tasks.serving import serve
 from outbox_tasks.status import collect_status, db_snapshot
+from outbox_tasks.store.records import Lease
 from outbox_tasks.wakeup import NotificationWaiter
 from outbox_tasks.worker import broadcast_snapshot, claim_and_dispatch, refuse_foreign, runtime
 
@@ -43,6 +45,9 @@ def claim(partition: int | None = None, partition_count: int | None = None) -> d
     relay = runtime.relay()
     n = partition_count or runtime.settings.partitions
     wanted = list(range(n)) if partition is None else [partition]
+    waiter = runtime.waiter()
+    if waiter is not None:
+        return _claim_and_serve(wanted, n, waiter)
     try:
         with relay.store.session():
             dispatched = claim_and_dispatch(relay, wanted, n)
@@ -63,7 +68,9 @@ def publish(partition: int, epoch: int, partition_count: int) -> dict[str, Any]:
         return foreign
     waiter = runtime.waiter()
     if waiter is not None:
-        return _serve(partition, epoch, partition_count, waiter)
+        return {"partition": partition, "epoch": epoch} | _serve(
+            partition_count, waiter, partition, epoch
+        )
     try:
         report = runtime.relay().publish(partition, epoch, partition_count)
     except DatabaseUnavailable as error:
@@ -97,12 +104,48 @@ def publish(partition: int, epoch: int, partition_count: int) -> dict[str, Any]:
     return report.as_dict()
 
 
+def _claim_and_serve(
+    wanted: list[int], partition_count: int, waiter: NotificationWaiter
+) -> dict[str, Any]:
+    """With the wake-up path on, a claim serves the partitions it is granted itself, up to
+    this process's share (no Celery hop, no lease waiting in the queue), and queues publish
+    tasks for the rest."""
+    relay = runtime.relay()
+    share = runtime.share()
+    mine: list[Lease] = []
+    try:
+        with relay.store.session():
+            rest = list(wanted)
+            while rest and len(mine) < share:
+                lease = relay.claim(rest.pop(0), partition_count)
+                if lease is not None:
+                    mine.append(lease)
+            queued = claim_and_dispatch(relay.claim, rest, partition_count)
+    except DatabaseUnavailable as error:
+        event(log, logging.WARNING, "database_unavailable", "claim skipped", error=str(error))
+        return {"granted": [lease.partition for lease in mine], "error": "database_unavailable"}
+    granted = [lease.partition for lease in mine] + queued
+    if not mine:
+        return {"granted": granted}
+    return {"granted": granted, **_serve(partition_count, waiter, granted=mine)}
+
+
 def _serve(
-    partition: int, epoch: int, partition_count: int, waiter: NotificationWaiter
+    partition_count: int,
+    waiter: NotificationWaiter,
+    partition: int | None = None,
+    epoch: int | None = None,
+    granted: Sequence[Lease] = (),
 ) -> dict[str, Any]:
     try:
         served = serve(
-            runtime.relay(), waiter, partition, epoch, partition_count, share=runtime.share()
+            runtime.relay(),
+            waiter,
+            partition,
+            epoch,
+            partition_count,
+            granted=granted,
+            share=runtime.share(),
         )
     except DatabaseUnavailable as error:
         # Nothing is lost: unmarked rows stay pending; the leases expire; a later claim resends.
@@ -114,14 +157,14 @@ def _serve(
             error=str(error),
             partition=partition,
         )
-        return {"partition": partition, "epoch": epoch, "error": "database_unavailable"}
+        return {"error": "database_unavailable"}
     for busy in served.more:
         # Drain chaining: a partition with work left does not wait for the next beat tick.
         claim.apply_async(
             args=(busy, partition_count),
             expires=max(runtime.settings.poll_interval_seconds * 3, 1.0),
         )
-    return {"partition": partition, "epoch": epoch, **served.as_dict()}
+    return served.as_dict()
 
 
 @app.task(name=DEAD_LETTER_TASK)
