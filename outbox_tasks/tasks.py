@@ -35,7 +35,8 @@ log = get_logger("tasks")
 @app.task(name=CLAIM_TASK)
 def claim(partition: int | None = None, partition_count: int | None = None) -> dict[str, Any]:
     """Lease partitions that have due rows (all of them when ``partition`` is None) and hand
-    each lease to a publish task. Idempotent: live leases are left alone.
+    each lease to a publish task; with the wake-up path on, serve this process's share of them
+    in place (``outbox_tasks.serving``). Idempotent: live leases are left alone.
 
     ``partition_count`` is the count ``partition`` belongs to (drain chaining passes it): while
     OUTBOX_PARTITIONS is being changed, the claim may run on a worker configured with the other
