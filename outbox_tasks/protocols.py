@@ -78,7 +78,6 @@ class RelayTransaction(Protocol):
     def pending_seqs(
         self, max_seq_by_aggregate: dict[tuple[str, str], int]
     ) -> dict[tuple[str, str], list[int]]: ...
-    def relax_commit(self) -> None: ...
     def finish_batch(
         self,
         lease: Lease,

@@ -388,9 +388,6 @@ class Relay:
         ok_ids = [row.id for row in ok_rows]
         maybe_sent = [row.id for row in batch if str(row.id) in sent.maybe_sent]
         with self._store.transaction("finish batch") as tx:
-            # The in-flight record makes this commit safe to lose in a server crash (resent,
-            # marked redelivered): it need not wait for the disk.
-            tx.relax_commit()
             finish = tx.finish_batch(
                 lease,
                 ok_ids,

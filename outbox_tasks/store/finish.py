@@ -1,6 +1,6 @@
 """Finishing a batch: ONE fenced statement marks the published rows (or deletes them) and
-records the failures, so a worker whose lease was lost can write nothing (see ``store.relay``),
-in a transaction whose commit need not wait for the disk (``relax_commit``).
+records the failures, so a worker whose lease was lost can write nothing (see ``store.relay``);
+its commit need not wait for the disk (see ``finish_batch``).
 
 A failure either backs off (``next_attempt_at``) or parks its row (``dead_lettered_at``, which
 holds the aggregate's later rows back). Backpressure failures carry a patience: the row parks
@@ -83,7 +83,9 @@ def _finish(done: str) -> Any:
         + """
     SELECT (SELECT at FROM lease) AS at, (SELECT count(*) FROM done) AS done,
            (SELECT count(*) FROM failed) AS failed,
-           (SELECT count(*) FROM failed WHERE parked) AS parked
+           (SELECT count(*) FROM failed WHERE parked) AS parked,
+           -- This transaction's commit need not wait for the disk (see finish_batch).
+           set_config('synchronous_commit', 'off', true) AS relaxed
     """
     )
 
@@ -91,16 +93,6 @@ def _finish(done: str) -> Any:
 _FINISH_MARK = _finish("UPDATE outbox SET published_at = (SELECT at FROM lease)")
 # OUTBOX_CLEANUP_MODE=delete: the published rows go in the same statement that would mark them.
 _FINISH_DELETE = _finish("DELETE FROM outbox")
-
-
-def relax_commit(conn: Connection) -> None:
-    """This transaction's commit need not wait for the disk (``synchronous_commit`` off for it
-    alone). Safe for a batch's finish only: if the server crashes before it reaches the disk,
-    the batch's in-flight record (committed durably before publishing, every row of the batch)
-    is still there and the next holder re-sends the batch marked redelivered, failures
-    included; the next durable commit of this connection makes it durable anyway (the log is
-    written in order)."""
-    conn.execute(text("SET LOCAL synchronous_commit TO off"))
 
 
 def finish_batch(
@@ -113,7 +105,13 @@ def finish_batch(
     maybe_sent: Sequence[uuid.UUID] = (),
 ) -> FinishResult:
     """Mark published (or delete) and record failures in ONE fenced statement per batch.
-    ``maybe_sent``: failed rows that may have reached a queue; later sends are redeliveries."""
+    ``maybe_sent``: failed rows that may have reached a queue; later sends are redeliveries.
+
+    The statement also turns ``synchronous_commit`` off for its transaction: the commit need not
+    wait for the disk. If the server crashes before it gets there, the batch's in-flight record
+    (committed durably before publishing, every row of the batch) is still there and the next
+    holder re-sends the batch marked redelivered, failures included; the next durable commit
+    on the connection makes it durable anyway (the log is written in order)."""
     row = conn.execute(
         _FINISH_DELETE if delete_published else _FINISH_MARK,
         {

@@ -24,7 +24,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, Engine
 
 from outbox_tasks.db import translate_errors
-from outbox_tasks.store.finish import finish_batch, relax_commit
+from outbox_tasks.store.finish import finish_batch
 from outbox_tasks.store.records import QUEUED_PREFIX, Lease, Row
 
 # Serializes lease grants across partition counts (repartitioning, DESIGN 4.2). Held for one
@@ -460,4 +460,3 @@ class PostgresRelayTransaction:
     select_candidates = _bound(select_candidates)
     pending_seqs = _bound(pending_seqs)
     finish_batch = _bound(finish_batch)
-    relax_commit = _bound(relax_commit)

@@ -281,9 +281,6 @@ class InMemoryRelayTransaction:
     def lock_lease_table(self) -> None:
         """Nothing to do: transactions already run one at a time."""
 
-    def relax_commit(self) -> None:
-        """Nothing to do: nothing in memory survives a crash anyway."""
-
     def lock_overlapping_leases(self, partition_count: int, slot_lo: int, slot_hi: int) -> None:
         """Nothing to do: transactions already run one at a time."""
 
