@@ -20,6 +20,7 @@ COMMANDS = {
     "cleanup": ("bench.cleanup", "cleanup of published rows vs concurrent insert latency"),
     "producer": ("bench.producer", "what the per-aggregate counter costs producers, and its size"),
     "consumer": ("bench.consumer", "ordered consumer group: 1 vs 2 processes, messages/event"),
+    "scaling": ("bench.scaling", "idle cost per partition and process; throughput against both"),
 }
 
 

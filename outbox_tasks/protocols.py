@@ -14,7 +14,7 @@ from contextlib import AbstractContextManager
 from typing import Protocol
 
 from outbox_tasks.envelope import OutboundMessage
-from outbox_tasks.store.records import Failure, FinishResult, Lease, Row
+from outbox_tasks.store.records import Failure, FinishResult, Lease, Row, SelectedBatch
 
 
 class BatchOutcome(Protocol):
@@ -78,6 +78,15 @@ class RelayTransaction(Protocol):
     def pending_seqs(
         self, max_seq_by_aggregate: dict[tuple[str, str], int]
     ) -> dict[tuple[str, str], list[int]]: ...
+    def select_batch(
+        self,
+        lease: Lease,
+        start: int,
+        limit: int,
+        *,
+        lease_seconds: float,
+        skip: Collection[tuple[str, str]] = (),
+    ) -> SelectedBatch: ...
     def finish_batch(
         self,
         lease: Lease,

@@ -24,12 +24,11 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import datetime
 
 from outbox_tasks.circuit import Circuit
 from outbox_tasks.envelope import OutboundMessage, message_for_row
 from outbox_tasks.errors import BrokerUnavailable
+from outbox_tasks.holding import Holding, PublishReport
 from outbox_tasks.logs import event, get_logger
 from outbox_tasks.partitioning import slot_range
 from outbox_tasks.protocols import NullObserver, Observer, Publisher, RelayStore, RelayTransaction
@@ -38,6 +37,8 @@ from outbox_tasks.sending import failures as record_failures
 from outbox_tasks.sending import send_batch
 from outbox_tasks.settings import Settings
 from outbox_tasks.store.records import QUEUED_PREFIX, Lease, Row
+
+__all__ = ["Holding", "PublishReport", "Relay", "claim_partition", "hand_back"]
 
 log = get_logger("relay")
 
@@ -56,35 +57,6 @@ class _SafeObserver:
             getattr(self._inner, name)(*args)
         except Exception:
             log.debug("observer %s failed", name, exc_info=True)
-
-
-@dataclass
-class PublishReport:
-    """What one publish task did; also what Flower shows as the task result."""
-
-    partition: int
-    epoch: int
-    batches: int = 0
-    published: int = 0
-    failed: int = 0
-    more: bool = False
-    lease_lost: bool = False
-    circuit_open: bool = False
-    errors: list[str] = field(default_factory=list)
-    newest_row_at: datetime | None = None
-    """When the newest row published was committed (the database's clock)."""
-
-    def as_dict(self) -> dict[str, object]:
-        return {
-            "partition": self.partition,
-            "epoch": self.epoch,
-            "batches": self.batches,
-            "published": self.published,
-            "failed": self.failed,
-            "more": self.more,
-            "lease_lost": self.lease_lost,
-            "circuit_open": self.circuit_open,
-        }
 
 
 def claim_partition(
@@ -151,21 +123,17 @@ def hand_back(store: RelayStore, lease: Lease) -> bool:
         released=released,
     )
     return released
-@dataclass
-class Holding:
-    """A lease this process holds, what was done under it, and where its next scan starts."""
 
-    lease: Lease | None
-    report: PublishReport
-    cursor: int | None = None
-    redeliver: set[uuid.UUID] = field(default_factory=set)
-    """Rows that may have reached the broker before: flagged ``outbox-redelivered`` when sent."""
 
-    def __post_init__(self) -> None:
-        if self.lease is not None:
-            if self.cursor is None:
-                self.cursor = self.lease.cursor_slot
-            self.redeliver |= self.lease.redeliver_ids
+def _kept(rows: list[Row], gaps: dict[tuple[str, str], int]) -> list[Row]:
+    """The rows of each aggregate before its first gap, in seq order."""
+    kept = [
+        row
+        for row in rows
+        if row.seq < gaps.get((row.aggregate_type, row.aggregate_id), row.seq + 1)
+    ]
+    kept.sort(key=lambda r: r.seq)
+    return kept
 
 
 class Relay:
@@ -339,7 +307,7 @@ class Relay:
         lo, hi = lease.slot_lo, lease.slot_hi
         start = cursor if cursor is not None and lo <= cursor < hi else lo
         with self._store.transaction("select batch") as tx:
-            rows, batch = self._select_batch(tx, start, lo, hi, limit)
+            rows, batch, marked = self._select_batch(tx, lease, start, limit)
             if not rows:
                 return None
             full = len(rows) >= limit
@@ -349,12 +317,14 @@ class Relay:
             if not batch:
                 # Every candidate waits behind an earlier row it cannot take yet.
                 return None
-            if not tx.mark_inflight(
-                lease,
-                ids=[r.id for r in batch],
-                cursor_slot=next_cursor,
-                lease_seconds=self.settings.lease_seconds,
-            ):
+            if marked is None:
+                marked = tx.mark_inflight(
+                    lease,
+                    ids=[r.id for r in batch],
+                    cursor_slot=next_cursor,
+                    lease_seconds=self.settings.lease_seconds,
+                )
+            if not marked:
                 self._lost(lease, report)
                 return None
         event(
@@ -443,35 +413,44 @@ class Relay:
         return next_cursor, full
 
     def _select_batch(
-        self, tx: RelayTransaction, start: int, lo: int, hi: int, limit: int
-    ) -> tuple[list[Row], list[Row]]:
+        self, tx: RelayTransaction, lease: Lease, start: int, limit: int
+    ) -> tuple[list[Row], list[Row], bool | None]:
         """Lock candidates and keep the unbroken per-aggregate prefixes (the batch).
 
-        Rows dropped because an earlier row of their aggregate is out of reach (locked by another
+        Usually one statement (``select_batch``) that also records the batch in flight. Rows
+        dropped because an earlier row of their aggregate is out of reach (locked by another
         transaction: a stalled former holder, a replay) must not take the batch's room: select
         again without those aggregates, so a few blocked aggregates cannot starve the partition
-        (DESIGN 4.3). Returns the first selection (it sets the cursor) and the batch.
+        (DESIGN 4.3); so does a scan that wraps around to the partition's start. Returns the
+        first selection (it sets the cursor), the batch, and whether it is recorded in flight
+        (None: not yet, the caller records it).
         """
+        lo, hi = lease.slot_lo, lease.slot_hi
+        got = tx.select_batch(lease, start, limit, lease_seconds=self.settings.lease_seconds)
+        rows = got.rows
+        marked: bool | None = got.marked
+        if len(rows) < limit and start > lo:  # wrap around to the partition's start
+            rows = rows + tx.select_candidates(lo, start, limit - len(rows))
+            marked = None
+        first, selected = rows, list(rows)
+        batch = self._unbroken_prefixes(tx, selected) if marked is None else _kept(rows, got.gaps)
+        if len(rows) < limit or len(batch) >= limit:
+            return first, batch, marked
         skip: set[tuple[str, str]] = set()
-        first: list[Row] | None = None
-        selected: list[Row] = []
-        batch: list[Row] = []
-        for _ in range(MAX_RESELECTS):
-            want = limit - len(batch)
-            rows = tx.select_candidates(start, hi, want, skip=skip)
-            if len(rows) < want and start > lo:
-                rows += tx.select_candidates(lo, start, want - len(rows), skip=skip)
-            if first is None:
-                first = rows
-            selected += rows
-            batch = self._unbroken_prefixes(tx, selected)
-            if len(rows) < want or len(batch) >= limit:
-                break
+        for _ in range(MAX_RESELECTS - 1):
             kept = {row.seq for row in batch}
             skip |= {
                 (row.aggregate_type, row.aggregate_id) for row in selected if row.seq not in kept
             }
-        return first or [], batch
+            want = limit - len(batch)
+            rows = tx.select_candidates(start, hi, want, skip=skip)
+            if len(rows) < want and start > lo:
+                rows += tx.select_candidates(lo, start, want - len(rows), skip=skip)
+            selected += rows
+            batch = self._unbroken_prefixes(tx, selected)
+            if len(rows) < want or len(batch) >= limit:
+                break
+        return first, batch, None
 
     def _unbroken_prefixes(self, tx: RelayTransaction, rows: list[Row]) -> list[Row]:
         """Keep, per aggregate, only rows with no earlier pending row outside the batch."""

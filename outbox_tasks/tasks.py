@@ -86,22 +86,7 @@ def publish(partition: int, epoch: int, partition_count: int) -> dict[str, Any]:
         )
         return {"partition": partition, "epoch": epoch, "error": "database_unavailable"}
     if report.more and not report.circuit_open and not report.lease_lost:
-        # Drain chaining: a full partition does not wait for the next beat tick.
-        try:
-            claim.apply_async(
-                args=(partition, partition_count),
-                expires=max(runtime.settings.poll_interval_seconds * 3, 1.0),
-            )
-        except Exception as error:
-            # The lease is already released: the next beat tick claims the partition.
-            event(
-                log,
-                logging.WARNING,
-                "claim_enqueue_failed",
-                "could not chain a claim; the next tick will claim",
-                partition=partition,
-                error=describe_error(error),
-            )
+        _chain_claim(partition, partition_count)
     return report.as_dict()
 
 
@@ -121,14 +106,17 @@ def _claim_and_serve(
                 lease = relay.claim(rest.pop(0), partition_count)
                 if lease is not None:
                     mine.append(lease)
-            queued = claim_and_dispatch(relay.claim, rest, partition_count)
+            queued = claim_and_dispatch(relay, rest, partition_count)
     except DatabaseUnavailable as error:
         event(log, logging.WARNING, "database_unavailable", "claim skipped", error=str(error))
         return {"granted": [lease.partition for lease in mine], "error": "database_unavailable"}
-    granted = [lease.partition for lease in mine] + queued
+    granted = [lease.partition for lease in mine] + queued.granted
+    answer: dict[str, Any] = {"granted": granted}
+    if queued.error is not None:
+        answer["error"] = "celery_broker_unavailable"
     if not mine:
-        return {"granted": granted}
-    return {"granted": granted, **_serve(partition_count, waiter, granted=mine)}
+        return answer
+    return answer | _serve(partition_count, waiter, granted=mine)
 
 
 def _serve(
@@ -160,12 +148,27 @@ def _serve(
         )
         return {"error": "database_unavailable"}
     for busy in served.more:
-        # Drain chaining: a partition with work left does not wait for the next beat tick.
+        _chain_claim(busy, partition_count)
+    return served.as_dict()
+
+
+def _chain_claim(partition: int, partition_count: int) -> None:
+    """Drain chaining: a partition with work left does not wait for the next beat tick."""
+    try:
         claim.apply_async(
-            args=(busy, partition_count),
+            args=(partition, partition_count),
             expires=max(runtime.settings.poll_interval_seconds * 3, 1.0),
         )
-    return served.as_dict()
+    except Exception as error:
+        # The lease is already released: the next beat tick claims the partition.
+        event(
+            log,
+            logging.WARNING,
+            "claim_enqueue_failed",
+            "could not chain a claim; the next tick will claim",
+            partition=partition,
+            error=describe_error(error),
+        )
 
 
 @app.task(name=DEAD_LETTER_TASK)

@@ -189,6 +189,7 @@ class WakeupListener:
         with DEADLINES.guard(conn, self.probe_deadline_seconds, what):
             conn.execute(f"LISTEN {CHANNEL}")
 
+
 class NotificationWaiter:
     """A LISTEN connection read on demand, with no thread: how a publish task that keeps its
     leases learns of new rows (``outbox_tasks.serving``).

@@ -74,3 +74,13 @@ class FinishResult:
     finished_at: datetime | None
     parked: int = 0
     """Of ``failed``, the rows parked (dead-lettered) by this statement."""
+
+
+@dataclass(frozen=True, slots=True)
+class SelectedBatch:
+    """What ``select_batch`` found: the locked rows, per aggregate the first pending seq that
+    holds its later rows back, and whether the kept rows were recorded in flight."""
+
+    rows: list[Row]
+    gaps: dict[tuple[str, str], int]
+    marked: bool

@@ -18,6 +18,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import fields
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from sqlalchemy import text
@@ -25,7 +26,9 @@ from sqlalchemy.engine import Connection, Engine
 
 from outbox_tasks.db import translate_errors
 from outbox_tasks.store.finish import finish_batch
-from outbox_tasks.store.records import QUEUED_PREFIX, Lease, Row
+from outbox_tasks.store.records import QUEUED_PREFIX, Lease, Row, SelectedBatch
+
+_ROW_WIDTH = len(fields(Row))
 
 # Serializes lease grants across partition counts (repartitioning, DESIGN 4.2). Held for one
 # short transaction per grant; the value is arbitrary but fixed ("outbox" in ASCII).
@@ -272,8 +275,7 @@ PREVIOUS_AGGREGATE_SEQUENCE = """
         WHERE k.aggregate_sequence = o.aggregate_sequence - k.below
     ) END"""
 
-_SELECT_CANDIDATES = text(
-    f"""
+_CANDIDATES_SQL = f"""
     WITH blocked AS MATERIALIZED (
         -- Aggregates with a row in backoff or parked: their later rows must wait.
         SELECT aggregate_type, aggregate_id, min(seq) AS seq
@@ -312,7 +314,7 @@ _SELECT_CANDIDATES = text(
     LIMIT :limit
     FOR UPDATE OF o SKIP LOCKED
     """
-)
+_SELECT_CANDIDATES = text(_CANDIDATES_SQL)
 
 
 def select_candidates(
@@ -337,24 +339,12 @@ def select_candidates(
             "skip_ids": [k[1] for k in skip],
         },
     )
-    return [
-        Row(
-            id=r.id,
-            aggregate_type=r.aggregate_type,
-            aggregate_id=r.aggregate_id,
-            event_type=r.event_type,
-            payload_json=r.payload_json,
-            headers=r.headers,
-            schema_version=r.schema_version,
-            seq=r.seq,
-            slot=r.slot,
-            created_at=r.created_at,
-            retry_count=r.retry_count,
-            aggregate_sequence=r.aggregate_sequence,
-            previous_aggregate_sequence=r.previous_aggregate_sequence,
-        )
-        for r in result
-    ]
+    return [_row(r) for r in result]
+
+
+def _row(r: Any) -> Row:
+    """A Row from a selected row: its first columns are Row's fields, in order."""
+    return Row(*r[:_ROW_WIDTH])
 
 
 _PENDING_SEQS = text(
@@ -393,6 +383,70 @@ def pending_seqs(
     return {(r.aggregate_type, r.aggregate_id): list(r.seqs) for r in result}
 
 
+_SELECT_BATCH = text(
+    f"""
+    WITH cand AS MATERIALIZED ({_CANDIDATES_SQL}),
+    tail AS (SELECT aggregate_type, aggregate_id, max(seq) AS max_seq FROM cand GROUP BY 1, 2),
+    gap AS (  -- per aggregate: its first pending row up to the candidates not among them
+        SELECT t.aggregate_type, t.aggregate_id, min(e.seq) AS seq FROM tail t JOIN outbox e
+          ON e.aggregate_type = t.aggregate_type AND e.aggregate_id = t.aggregate_id
+         AND e.published_at IS NULL AND e.seq <= t.max_seq
+        WHERE NOT EXISTS (SELECT 1 FROM cand c WHERE c.id = e.id) GROUP BY 1, 2
+    ),
+    kept AS (SELECT c.id FROM cand c LEFT JOIN gap g USING (aggregate_type, aggregate_id)
+             WHERE g.seq IS NULL OR c.seq < g.seq),
+    mark AS (  -- mark_inflight, fenced alike
+        UPDATE outbox_partition
+        SET inflight_ids = ARRAY(SELECT id FROM kept),
+            cursor_slot = CASE WHEN (SELECT count(*) FROM cand) < :limit
+                OR (SELECT max(slot) FROM cand) + 1 >= :hi THEN :part_lo
+                ELSE (SELECT max(slot) FROM cand) + 1 END,
+            leased_until = clock_timestamp() + make_interval(secs => :lease_seconds)
+        WHERE partition_count = :n AND partition = :p AND epoch = :epoch
+          AND leased_until > clock_timestamp() AND EXISTS (SELECT 1 FROM kept)
+        RETURNING 1
+    )
+    SELECT c.*, g.seq AS gap, (SELECT count(*) FROM mark) AS marked
+    FROM cand c LEFT JOIN gap g USING (aggregate_type, aggregate_id)
+    ORDER BY c.slot, c.seq
+    """
+)
+
+
+def select_batch(
+    conn: Connection,
+    lease: Lease,
+    start: int,
+    limit: int,
+    *,
+    lease_seconds: float,
+    skip: Collection[tuple[str, str]] = (),
+) -> SelectedBatch:
+    """``select_candidates`` from ``start``, ``pending_seqs`` and ``mark_inflight`` of the
+    unbroken prefixes in ONE statement; ``marked`` False: lease lost, or no row kept."""
+    if limit <= 0 or start >= lease.slot_hi:
+        return SelectedBatch(rows=[], gaps={}, marked=False)
+    result = conn.execute(
+        _SELECT_BATCH,
+        {
+            "lo": start,
+            "hi": lease.slot_hi,
+            "part_lo": lease.slot_lo,
+            "limit": limit,
+            "skip_types": [k[0] for k in skip],
+            "skip_ids": [k[1] for k in skip],
+            "n": lease.partition_count,
+            "p": lease.partition,
+            "epoch": lease.epoch,
+            "lease_seconds": lease_seconds,
+        },
+    ).all()
+    gaps = {(r.aggregate_type, r.aggregate_id): r.gap for r in result if r.gap is not None}
+    return SelectedBatch(
+        rows=[_row(r) for r in result], gaps=gaps, marked=bool(result and result[0].marked)
+    )
+
+
 # --- the store the relay talks to -------------------------------------------------------------
 
 
@@ -417,8 +471,7 @@ class PostgresRelayStore:
 
     @contextmanager
     def session(self) -> Iterator[None]:
-        """Run the transactions of the block on one connection, checked out (and pinged) once
-        instead of once per transaction. Not thread-safe."""
+        """The block's transactions on one connection, checked out (and pinged) once."""
         if self._pinned is not None:
             yield
             return
@@ -459,4 +512,5 @@ class PostgresRelayTransaction:
     mark_inflight = _bound(mark_inflight)
     select_candidates = _bound(select_candidates)
     pending_seqs = _bound(pending_seqs)
+    select_batch = _bound(select_batch)
     finish_batch = _bound(finish_batch)

@@ -13,7 +13,14 @@ from datetime import UTC, datetime
 from typing import Any
 
 from outbox_tasks.schema import OutboxMessage, slot_of
-from outbox_tasks.store.records import QUEUED_PREFIX, Failure, FinishResult, Lease, Row
+from outbox_tasks.store.records import (
+    QUEUED_PREFIX,
+    Failure,
+    FinishResult,
+    Lease,
+    Row,
+)
+from outbox_tasks.testing.batches import select_batch_of
 
 
 @dataclass(frozen=True, slots=True)
@@ -397,6 +404,9 @@ class InMemoryRelayTransaction:
             if r.pending and r.seq <= max_seq_by_aggregate.get(key, -1):
                 found.setdefault(key, []).append(r.seq)
         return {key: sorted(seqs) for key, seqs in found.items()}
+
+    # Made of this transaction's select_candidates, pending_seqs and mark_inflight.
+    select_batch = select_batch_of
 
     # --- finishing a batch ----------------------------------------------------------------------
 

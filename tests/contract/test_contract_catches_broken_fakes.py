@@ -18,6 +18,7 @@ import pytest
 from outbox_tasks.protocols import RelayStore
 from outbox_tasks.store.records import Failure, FinishResult, Lease, Row
 from outbox_tasks.testing import InMemoryRelayStore, InMemoryRelayTransaction
+from outbox_tasks.testing.batches import select_batch_of
 from tests.contract import test_relay_contract as contract
 from tests.contract.backends import MemoryBackend
 
@@ -31,6 +32,10 @@ class _Wrapped:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.tx, name)
+
+    def select_batch(self, lease: Lease, start: int, limit: int, **options: Any) -> Any:
+        # Made of this wrapper's statements, so a redefined one takes effect here too.
+        return select_batch_of(self, lease, start, limit, **options)  # type: ignore[arg-type]
 
 
 class _IgnoresTheEpoch(_Wrapped):
