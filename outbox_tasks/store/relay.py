@@ -386,13 +386,14 @@ def pending_seqs(
 _SELECT_BATCH = text(
     f"""
     WITH cand AS MATERIALIZED ({_CANDIDATES_SQL}),
-    tail AS (SELECT aggregate_type, aggregate_id, max(seq) AS max_seq FROM cand GROUP BY 1, 2),
-    gap AS (  -- per aggregate: its first pending row up to the candidates not among them
-        SELECT t.aggregate_type, t.aggregate_id, min(e.seq) AS seq FROM tail t JOIN outbox e
-          ON e.aggregate_type = t.aggregate_type AND e.aggregate_id = t.aggregate_id
-         AND e.published_at IS NULL AND e.seq <= t.max_seq
-        WHERE NOT EXISTS (SELECT 1 FROM cand c WHERE c.id = e.id) GROUP BY 1, 2
-    ),
+    tail AS (SELECT aggregate_type, aggregate_id, max(seq) AS max_seq, array_agg(seq) AS seqs
+             FROM cand GROUP BY 1, 2),
+    gap AS (  -- per aggregate (an index probe each): its first pending row not among cand
+        SELECT t.aggregate_type, t.aggregate_id, g.seq FROM tail t CROSS JOIN LATERAL (
+            SELECT min(e.seq) AS seq FROM outbox e
+            WHERE e.aggregate_type = t.aggregate_type AND e.aggregate_id = t.aggregate_id
+              AND e.published_at IS NULL AND e.seq <= t.max_seq AND e.seq <> ALL (t.seqs)) g
+        WHERE g.seq IS NOT NULL),
     kept AS (SELECT c.id FROM cand c LEFT JOIN gap g USING (aggregate_type, aggregate_id)
              WHERE g.seq IS NULL OR c.seq < g.seq),
     mark AS (  -- mark_inflight, fenced alike
