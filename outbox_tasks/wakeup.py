@@ -207,10 +207,16 @@ class NotificationWaiter:
         *,
         application_name: str = "outbox_tasks.serve",
         connect_timeout: int = 10,
+        deadline_seconds: float = 5.0,
+        connect_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.conninfo = conninfo
         self.application_name = application_name
         self.connect_timeout = connect_timeout
+        # Every statement on the connection is answered within this, or the connection is
+        # closed (db.DEADLINES): a silently dead peer must not hang the publish task.
+        self.deadline_seconds = deadline_seconds
+        self.connect_options = dict(connect_options or {})
         self._conn: psycopg.Connection[tuple[object, ...]] | None = None
 
     def listen(self) -> bool:
@@ -222,8 +228,10 @@ class NotificationWaiter:
                     autocommit=True,
                     application_name=self.application_name,
                     connect_timeout=self.connect_timeout,
+                    **self.connect_options,
                 )
-            self._conn.execute(f"LISTEN {CHANNEL}")
+            with DEADLINES.guard(self._conn, self.deadline_seconds, "serving listen"):
+                self._conn.execute(f"LISTEN {CHANNEL}")
         except Exception as error:
             self._broken(error)
             return False
@@ -252,7 +260,8 @@ class NotificationWaiter:
         if conn is None or conn.closed:
             return
         try:
-            conn.execute(f"UNLISTEN {CHANNEL}")
+            with DEADLINES.guard(conn, self.deadline_seconds, "serving unlisten"):
+                conn.execute(f"UNLISTEN {CHANNEL}")
             for _ in conn.notifies(timeout=0.0):
                 pass
         except Exception as error:

@@ -33,7 +33,7 @@ from celery.worker.control import control_command, inspect_command
 from sqlalchemy.engine import Engine
 
 from outbox_tasks.celery import PUBLISH_TASK, app, settings
-from outbox_tasks.db import make_engine, relay_idle_in_transaction
+from outbox_tasks.db import keepalive_args, make_engine, relay_idle_in_transaction
 from outbox_tasks.deployment import (
     DATABASE_HEADER,
     NamespaceConflict,
@@ -143,7 +143,11 @@ class ProcessRuntime:
             return None
         if self._waiter is None:
             self._waiter = NotificationWaiter(
-                self.settings.libpq_url, application_name=f"{self.settings.application_name}.serve"
+                self.settings.libpq_url,
+                application_name=f"{self.settings.application_name}.serve",
+                connect_timeout=max(2, round(self.settings.database_connect_timeout_seconds)),
+                deadline_seconds=self.settings.database_connect_timeout_seconds,
+                connect_options=keepalive_args(self.settings),
             )
         return self._waiter
 
