@@ -271,6 +271,13 @@ def run(
     for event_id, at in arrivals:
         first.setdefault(event_id, at)
     latencies = sorted((first[e] - t) * 1000.0 for e, t in producer.committed.items() if e in first)
+    # The slowest events with when they were committed (seconds into the run, wall clock too):
+    # a tail lines up with the worker log's task ends and lease hand-backs.
+    slowest = sorted(
+        ((first[e] - t) * 1000.0, t - producer.started, t)
+        for e, t in producer.committed.items()
+        if e in first
+    )[-30:]
     missing = sum(1 for e in producer.committed if e not in first)
     achieved = len(producer.committed) / max(1e-9, producer.finished - producer.started)
     during = [p for t, p in samples if producer.started <= t <= producer.finished]
@@ -297,6 +304,10 @@ def run(
         "p95_ms": common.percentile(latencies, 95),
         "p99_ms": common.percentile(latencies, 99),
         "max_ms": latencies[-1] if latencies else None,
+        "slowest": [
+            {"latency_ms": round(ms, 1), "at_s": round(at, 3), "at_wall": at_wall}
+            for ms, at, at_wall in reversed(slowest)
+        ],
         "pending_median": common.median(during),
         "pending_max": max(during) if during else None,
         "pending_end": pending_end,
