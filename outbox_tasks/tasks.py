@@ -20,14 +20,15 @@ from outbox_tasks.celery import (
     cleanup_budget,
 )
 from outbox_tasks.cleanup import run_cleanup
+from outbox_tasks.control import broadcast_snapshot
 from outbox_tasks.db import translate_errors
 from outbox_tasks.errors import BrokerUnavailable, DatabaseUnavailable, describe_error
 from outbox_tasks.logs import event, get_logger
-from outbox_tasks.serving import serve
+from outbox_tasks.serving import QUEUED_LATE_SECONDS, REBALANCE_SECONDS, serve
 from outbox_tasks.status import collect_status, db_snapshot
 from outbox_tasks.store.records import Lease
 from outbox_tasks.wakeup import NotificationWaiter
-from outbox_tasks.worker import broadcast_snapshot, claim_and_dispatch, refuse_foreign, runtime
+from outbox_tasks.worker import claim_and_dispatch, refuse_foreign, runtime
 
 log = get_logger("tasks")
 
@@ -61,16 +62,25 @@ def claim(partition: int | None = None, partition_count: int | None = None) -> d
 
 
 @app.task(name=PUBLISH_TASK)
-def publish(partition: int, epoch: int, partition_count: int) -> dict[str, Any]:
+def publish(
+    partition: int,
+    epoch: int,
+    partition_count: int,
+    also: list[list[int]] | None = None,
+    rounds: int = 0,
+) -> dict[str, Any]:
     """Publish a leased partition's due rows in order; with the wake-up path on, keep serving
     it (and claim more, up to this process's share) while new rows keep coming
-    (``outbox_tasks.serving``), at most ``publish_task_seconds``."""
+    (``outbox_tasks.serving``), at most ``publish_task_seconds``; then pass the busy partitions
+    on to a continuation of this task. ``also``: more ``[partition, epoch]`` leases to adopt
+    (a continuation's); ``rounds``: how many continuations came before this one."""
     if (foreign := refuse_foreign(publish.request)) is not None:
         return foreign
     waiter = runtime.waiter()
     if waiter is not None:
+        more = [(int(p), int(e)) for p, e in also or ()]
         return {"partition": partition, "epoch": epoch} | _serve(
-            partition_count, waiter, partition, epoch
+            partition_count, waiter, partition, epoch, also=more, rounds=rounds
         )
     try:
         report = runtime.relay().publish(partition, epoch, partition_count)
@@ -103,7 +113,9 @@ def _claim_and_serve(
         with relay.store.session():
             rest = list(wanted)
             while rest and len(mine) < share:
-                lease = relay.claim(rest.pop(0), partition_count)
+                lease = relay.claim(
+                    rest.pop(0), partition_count, take_queued_after=QUEUED_LATE_SECONDS
+                )
                 if lease is not None:
                     mine.append(lease)
             queued = claim_and_dispatch(relay, rest, partition_count)
@@ -124,8 +136,13 @@ def _serve(
     waiter: NotificationWaiter,
     partition: int | None = None,
     epoch: int | None = None,
+    *,
     granted: Sequence[Lease] = (),
+    also: Sequence[tuple[int, int]] = (),
+    rounds: int = 0,
 ) -> dict[str, Any]:
+    settings = runtime.settings
+    carry = (rounds + 1) * settings.publish_task_seconds < REBALANCE_SECONDS
     try:
         served = serve(
             runtime.relay(),
@@ -134,7 +151,9 @@ def _serve(
             epoch,
             partition_count,
             granted=granted,
+            also=also,
             share=runtime.share(),
+            carry=carry,
         )
     except DatabaseUnavailable as error:
         # Nothing is lost: unmarked rows stay pending; the leases expire; a later claim resends.
@@ -149,7 +168,33 @@ def _serve(
         return {"error": "database_unavailable"}
     for busy in served.more:
         _chain_claim(busy, partition_count)
+    if served.carried:
+        _continue(served.carried, partition_count, rounds + 1)
     return served.as_dict()
+
+
+def _continue(leases: Sequence[Lease], partition_count: int, rounds: int) -> None:
+    """Queue the serving task's continuation with the leases it passed on (they stay queued
+    for it); if it cannot be queued, hand them back so a claim can take them at once."""
+    first, *rest = leases
+    try:
+        publish.apply_async(
+            args=(first.partition, first.epoch, partition_count),
+            kwargs={"also": [[lease.partition, lease.epoch] for lease in rest], "rounds": rounds},
+            expires=runtime.settings.lease_seconds,
+        )
+    except Exception as error:
+        event(
+            log,
+            logging.WARNING,
+            "publish_enqueue_failed",
+            "could not queue the serving task's continuation; its leases are handed back",
+            partitions=[lease.partition for lease in leases],
+            error=describe_error(error),
+        )
+        relay = runtime.relay()
+        for lease in leases:
+            relay.hand_back(lease)
 
 
 def _chain_claim(partition: int, partition_count: int) -> None:

@@ -1,6 +1,6 @@
 """The worker process around the tasks: its per-process runtime (engine, relay, publishers,
 rebuilt after fork), the metrics endpoint and the Celery signals that run it, the wake-up
-bootstep, and the remote-control commands (with :func:`worker_circuits`, their client side).
+bootstep, and the remote-control commands (their client side is ``outbox_tasks.control``).
 
 A Celery worker imports this module on start (``outbox_tasks.celery.WORKER_MODULES``).
 Settings come from the app's module, built once per process.
@@ -56,6 +56,7 @@ from outbox_tasks.metrics import (
 )
 from outbox_tasks.publisher import BrokerPublisher
 from outbox_tasks.relay import Relay, claim_partition, hand_back
+from outbox_tasks.serving import QUEUED_LATE_SECONDS
 from outbox_tasks.settings import Settings
 from outbox_tasks.store.records import Lease
 from outbox_tasks.store.relay import PostgresRelayStore
@@ -68,7 +69,12 @@ class Claimer(Protocol):
     """Claims partitions and hands back a lease it could not dispatch (a Relay is one)."""
 
     def claim(
-        self, partition: int, partition_count: int | None = None, *, queued: bool = False
+        self,
+        partition: int,
+        partition_count: int | None = None,
+        *,
+        queued: bool = False,
+        take_queued_after: float | None = None,
     ) -> Lease | None: ...
 
     def hand_back(self, lease: Lease) -> bool: ...
@@ -193,7 +199,8 @@ def claim_and_dispatch(
     """Claim each partition (at most ``at_most`` granted); enqueue an ``outbox.publish`` task
     for every lease granted (it expires with the lease). The lease is marked queued until the
     task takes it over, so a serving task may take it if the queue holds it up
-    (``outbox_tasks.serving``).
+    (``outbox_tasks.serving``); a lease whose task is ``QUEUED_LATE_SECONDS`` late is claimed
+    again here.
 
     A lease whose task could not be enqueued (Celery's broker unreachable or timing out, or any
     other error of the send) is handed back at once, so the partition does not wait out
@@ -203,7 +210,9 @@ def claim_and_dispatch(
     for partition in partitions:
         if at_most is not None and len(dispatched.granted) >= at_most:
             break
-        lease = claimer.claim(partition, partition_count, queued=True)
+        lease = claimer.claim(
+            partition, partition_count, queued=True, take_queued_after=QUEUED_LATE_SECONDS
+        )
         if lease is None:
             continue
         try:
@@ -231,10 +240,8 @@ def claim_and_dispatch(
 
 # --- remote control ----------------------------------------------------------------------------
 
-SNAPSHOT_COMMAND = "outbox_metrics_snapshot"
-CIRCUIT_COMMAND = "outbox_circuit"
 
-
+# Their names are the client's (``outbox_tasks.control``): SNAPSHOT_COMMAND, CIRCUIT_COMMAND.
 @control_command(args=[("snapshot", dict)], signature="<snapshot>")
 def outbox_metrics_snapshot(state: Any, snapshot: dict[str, float]) -> dict[str, bool]:
     """Remote control command: store the latest database snapshot for the metrics endpoint."""
@@ -251,26 +258,6 @@ def outbox_circuit(state: Any) -> dict[str, Any]:
         return {"open": None}
     value = pool_gauge(directory, "outbox_circuit_open", alive=MetricsServer.alive)
     return {"open": None if value is None else bool(value)}
-
-
-def broadcast_snapshot(snapshot: dict[str, float]) -> None:
-    """Send a database snapshot to every worker, whose main process serves it."""
-    app.control.broadcast(SNAPSHOT_COMMAND, arguments={"snapshot": snapshot})
-
-
-def worker_circuits(timeout: float = 1.0) -> dict[str, bool | None] | None:
-    """Ask every running worker whether its broker circuit is open: ``{worker name: open}``
-    (None for a worker that cannot tell), or None when no worker answered or the Celery
-    broker is unreachable (status must work without it)."""
-    try:
-        replies = app.control.broadcast(CIRCUIT_COMMAND, reply=True, timeout=timeout) or []
-    except Exception:
-        return None
-    circuits: dict[str, bool | None] = {}
-    for reply in replies:
-        for name, answer in reply.items():
-            circuits[name] = answer.get("open") if isinstance(answer, dict) else None
-    return circuits or None
 
 
 # --- the metrics endpoint -----------------------------------------------------------------------
@@ -441,7 +428,12 @@ class StoreClaimer:
         self.owner = owner
 
     def claim(
-        self, partition: int, partition_count: int | None = None, *, queued: bool = False
+        self,
+        partition: int,
+        partition_count: int | None = None,
+        *,
+        queued: bool = False,
+        take_queued_after: float | None = None,
     ) -> Lease | None:
         return claim_partition(
             self.store,
@@ -450,6 +442,7 @@ class StoreClaimer:
             partition=partition,
             partition_count=partition_count,
             queued=queued,
+            take_queued_after=take_queued_after,
         )
 
     def hand_back(self, lease: Lease) -> bool:

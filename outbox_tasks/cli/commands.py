@@ -62,7 +62,7 @@ def status_command(
                 status = collect_status(engine, settings)
             if not no_workers:
                 # The Celery app (its broker: OUTBOX_BROKER_URL) only when workers are asked.
-                from outbox_tasks.worker import worker_circuits
+                from outbox_tasks.control import worker_circuits
 
                 add_circuits(status, worker_circuits())
             if as_json:

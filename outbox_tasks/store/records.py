@@ -13,7 +13,7 @@ from typing import Any
 
 QUEUED_PREFIX = "queued:"
 """Owner prefix of a lease granted for a publish task that has yet to start (a take-over
-replaces the owner); see ``store.relay.grant_lease``."""
+replaces the owner); see ``store.leases.grant_lease``."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,13 +39,9 @@ invisible to it) and the dead-letter table.
 
 from outbox_tasks.testing.clock import ManualClock
 from outbox_tasks.testing.publisher import RecordingPublisher
+from outbox_tasks.testing.records import LeaseRecord, OutboxRecord
 from outbox_tasks.testing.running import drain
-from outbox_tasks.testing.store import (
-    InMemoryRelayStore,
-    InMemoryRelayTransaction,
-    LeaseRecord,
-    OutboxRecord,
-)
+from outbox_tasks.testing.store import InMemoryRelayStore, InMemoryRelayTransaction
 
 __all__ = [
     "InMemoryRelayStore",

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from outbox_tasks.envelope import OutboundMessage
 from outbox_tasks.partitioning import partition_of_aggregate
 from outbox_tasks.publisher import BatchResult
-from outbox_tasks.relay import claim_partition
+from outbox_tasks.relay import Relay, claim_partition
 from outbox_tasks.store.records import Failure
 from outbox_tasks.testing import drain
 from tests.contract.backends import Backend, RowState, Sent
@@ -311,3 +311,37 @@ def test_a_lease_held_for_a_publish_task_stuck_in_the_queue_can_be_taken_after_a
     backend.wait(0.3)
     assert server.claim(0, take_queued_after=0.2) is None
     assert holder.publish(0, again.epoch).published == 1
+
+
+def test_a_lease_passed_on_keeps_its_epoch_for_the_continuation_and_a_stale_one_cannot(
+    backend: Backend,
+) -> None:
+    """``pass_on`` keeps a held lease (same epoch, marked queued) for the next publish task;
+    a plain claim leaves it alone, the continuation adopts it; a stale holder passes nothing."""
+    settings = backend.settings.with_changes(partitions=1)
+    backend.add(("Order", "1"))
+    holder = backend.relay(settings, owner="holder")
+    holding = holder.adopt(*_granted(holder))
+    assert holding.lease is not None
+    epoch = holding.lease.epoch
+
+    kept = holder.pass_on(holding)
+
+    assert kept is not None and kept.epoch == epoch
+    assert backend.relay(settings, owner="tick").claim(0) is None, "still leased"
+    assert backend.relay(settings, owner="next").publish(0, epoch).published == 1
+    # A holder whose lease was taken over passes nothing on.
+    backend.add(("Order", "1"))
+    stale = backend.relay(settings, owner="stale")
+    lease = stale.claim(0)
+    assert lease is not None
+    old = stale.adopt(0, lease.epoch)
+    backend.expire_leases()
+    assert backend.relay(settings, owner="new").claim(0) is not None
+    assert stale.pass_on(old) is None and old.report.lease_lost
+
+
+def _granted(relay: Relay) -> tuple[int, int]:
+    lease = relay.claim(0)
+    assert lease is not None
+    return lease.partition, lease.epoch

@@ -11,8 +11,9 @@ from typing import Any
 from outbox_tasks.partitioning import partition_of, slot_of
 from outbox_tasks.relay import Relay
 from outbox_tasks.schema import OutboxMessage
-from outbox_tasks.serving import serve
+from outbox_tasks.serving import QUEUED_LATE_SECONDS, serve
 from outbox_tasks.settings import Settings
+from outbox_tasks.store.records import QUEUED_PREFIX
 from outbox_tasks.testing import InMemoryRelayStore, ManualClock, RecordingPublisher
 
 PARTITIONS = 4
@@ -268,7 +269,7 @@ def test_a_partition_another_process_serves_is_not_claimed_again_on_every_notifi
     assert claims == [1]  # tried once; not again within the grace
 
 
-def test_a_partition_whose_queued_task_has_not_started_is_taken_after_the_grace() -> None:
+def test_a_serving_task_with_room_takes_a_lease_whose_queued_task_has_not_started() -> None:
     w = World()
     w.add(0)()
     w.add(1)()
@@ -284,3 +285,69 @@ def test_a_partition_whose_queued_task_has_not_started_is_taken_after_the_grace(
 
     assert 1 in result.as_dict()["partitions"]  # type: ignore[operator]
     assert sum(1 for r in w.store.rows() if r.pending) == 0
+
+
+def test_at_the_end_of_the_budget_busy_partitions_pass_on_to_a_continuation_still_leased() -> None:
+    w = World()
+    w.add(0)()
+    w.add(1)()
+    for _ in range(11):  # partition 0 keeps getting rows past the budget; 1 has none
+        w.waiter.then(0.48, w.add(0), notification(0))
+    relay = w.relay()
+    granted = [relay.claim(0), relay.claim(1)]
+    assert None not in granted
+
+    result = serve(relay, w.waiter, granted=[g for g in granted if g], carry=True, wall=w.clock)
+
+    assert [lease.partition for lease in result.carried] == [0]
+    record = w.store.lease(0, PARTITIONS)
+    assert record is not None and record.live(w.clock())
+    assert record.epoch == result.carried[0].epoch, "the same lease, not a new grant"
+    assert (record.owner or "").startswith(QUEUED_PREFIX)
+    assert not w.live(1), "an idle partition is handed back"
+    assert result.more == []
+    # The continuation adopts it, with no claim, and publishes what came meanwhile.
+    published = len(w.publisher.published_ids())
+    w.add(0)()
+    w.waiter.steps.clear()
+    nxt = serve(w.relay("continuation"), w.waiter, 0, result.carried[0].epoch, wall=w.clock)
+    assert nxt.reports[0].epoch == result.carried[0].epoch and nxt.reports[0].published >= 1
+    assert len(w.publisher.published_ids()) == published + nxt.reports[0].published
+    assert not any(r.pending for r in w.store.rows())
+
+
+def test_without_carry_every_lease_is_handed_back_at_the_end_of_the_budget() -> None:
+    w = World()
+    w.add(0)()
+    for _ in range(11):
+        w.waiter.then(0.48, w.add(0), notification(0))
+    relay = w.relay()
+    lease = relay.claim(0)
+    assert lease is not None
+
+    result = serve(relay, w.waiter, 0, lease.epoch, wall=w.clock)
+
+    assert result.carried == [] and not w.live(0)
+
+
+def test_a_passed_on_lease_waits_for_its_task_until_it_is_late_then_any_claim_takes_it() -> None:
+    w = World()
+    w.add(0)()
+    for _ in range(11):
+        w.waiter.then(0.48, w.add(0), notification(0))
+    relay = w.relay()
+    lease = relay.claim(0)
+    assert lease is not None
+    result = serve(relay, w.waiter, 0, lease.epoch, carry=True, wall=w.clock)
+    assert len(result.carried) == 1
+    tick = w.relay("tick")
+    w.add(0)()
+
+    assert tick.claim(0, take_queued_after=QUEUED_LATE_SECONDS) is None, "its task may start"
+    w.clock.advance(QUEUED_LATE_SECONDS)
+    taken = tick.claim(0, take_queued_after=QUEUED_LATE_SECONDS)
+
+    assert taken is not None and taken.epoch == result.carried[0].epoch + 1
+    late = serve(w.relay("late"), w.waiter, 0, result.carried[0].epoch, wall=w.clock)
+    assert late.as_dict()["published"] == 0, "the late task finds its lease gone"
+    assert w.epoch(0) == taken.epoch
