@@ -6,7 +6,9 @@
   start + i / rate). The commit time is taken when the INSERT returns.
 - Consumer: an independent process reading the queue bound to the exchange (Redis: raw BRPOP on
   the queue's list; RabbitMQ: a kombu consumer, no ack), stamping arrivals with ``time.time()``.
-- Latency = arrival - commit, first arrival per event; p50/p95/p99/max in ms.
+- Latency = arrival - commit, first arrival per event; p50/p95/p99/max in ms, over the steady
+  state: the first ``WARMUP_SECONDS`` of producing (both systems) are reported on their own
+  (``warmup_max_ms``: the first event also pays the pool processes' first connections).
 - Backlog: pending rows are sampled every 0.5 s; "grew" means more than one second of events
   was still pending when the producer stopped (the relay did not keep up).
 """
@@ -29,6 +31,8 @@ import psycopg
 
 from bench import baseline, common
 from bench.common import BenchEnv, log
+
+WARMUP_SECONDS = 1.0
 
 INSERT_SQL = (
     "INSERT INTO outbox (id, aggregate_type, aggregate_id, event_type, payload) "
@@ -186,10 +190,13 @@ def run(
     profile: Path | None = None,
     memory_every: float = 5.0,
     pythonpath: str | None = None,
+    warmup: float = WARMUP_SECONDS,
 ) -> dict[str, Any]:
     """One latency run of ``system``: ``outbox_tasks`` (real celery worker + beat; its workers
     import ``outbox_tasks`` from ``pythonpath`` first when given) or ``baseline`` (the limit:
-    LISTEN, then UPDATE ... RETURNING + LPUSH at once; Redis only)."""
+    LISTEN, then UPDATE ... RETURNING + LPUSH at once; Redis only). The producer runs
+    ``warmup`` + ``duration`` seconds; percentiles are over the events of the last
+    ``duration`` seconds (steady state), the warm-up's worst is reported on its own."""
     if system == "baseline" and broker != "redis":
         raise ValueError("the limit's latency relay publishes to Redis only")
     with env.database() as url:
@@ -211,7 +218,7 @@ def run(
         arrivals: list[tuple[str, float]] = []
         samples: list[tuple[float, int]] = []
         memory: list[tuple[float, dict[str, Any]]] = []
-        producer = Producer(url, rate, duration, producers)
+        producer = Producer(url, rate, duration + warmup, producers)
         relay_cm: Any
         if system == "baseline":
             relay_cm = baseline.latency_relay(
@@ -270,7 +277,17 @@ def run(
     first: dict[str, float] = {}
     for event_id, at in arrivals:
         first.setdefault(event_id, at)
-    latencies = sorted((first[e] - t) * 1000.0 for e, t in producer.committed.items() if e in first)
+    steady_from = producer.started + warmup
+    latencies = sorted(
+        (first[e] - t) * 1000.0
+        for e, t in producer.committed.items()
+        if e in first and t >= steady_from
+    )
+    warming = [
+        (first[e] - t) * 1000.0
+        for e, t in producer.committed.items()
+        if e in first and t < steady_from
+    ]
     # The slowest events with when they were committed (seconds into the run, wall clock too):
     # a tail lines up with the worker log's task ends and lease hand-backs.
     slowest = sorted(
@@ -304,6 +321,8 @@ def run(
         "p95_ms": common.percentile(latencies, 95),
         "p99_ms": common.percentile(latencies, 99),
         "max_ms": latencies[-1] if latencies else None,
+        "warmup_seconds": warmup,
+        "warmup_max_ms": max(warming, default=None),
         "slowest": [
             {"latency_ms": round(ms, 1), "at_s": round(at, 3), "at_wall": at_wall}
             for ms, at, at_wall in reversed(slowest)
