@@ -24,7 +24,6 @@ import tempfile
 import threading
 import time
 import uuid
-from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from outbox_tasks.demo.environment import (
     wait_ready,
 )
 from outbox_tasks.demo.guard import Guard
+from outbox_tasks.demo.latency import CommitToArrival, format_ms
 from outbox_tasks.demo.models import DemoBase, DemoOrder, DemoShipment
 from outbox_tasks.demo.processes import no_interrupts
 from outbox_tasks.settings import Settings, env_var
@@ -66,7 +66,7 @@ class _Tally:
     consumed: int = 0
     duplicates: int = 0
     order_violations: int = 0
-    latencies: list[float] = dataclasses.field(default_factory=list)
+    latency: CommitToArrival = dataclasses.field(default_factory=CommitToArrival)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
 
 
@@ -169,18 +169,19 @@ def _run(options: DemoOptions, settings: Settings, guard: Guard) -> int:
     def on_event(event: Event, session: Session) -> None:
         """The demo's consumer-group handler: ship the order. Its receipt commits with it, so a
         redelivered event is skipped by the group and never ships twice."""
+        arrived = time.time()  # at entry, before the handler's work, as the benchmark stamps
+        with tally.lock:
+            tally.latency.arrived(event.id, arrived)
         session.add(
             DemoShipment(
                 event_id=event.id, order_id=int(event.aggregate_id), event_type=event.event_type
             )
         )
         session.flush()
-        latency = (datetime.now(UTC) - event.occurred_at).total_seconds()
 
         def counted() -> None:
             with tally.lock:
                 tally.consumed += 1
-                tally.latencies.append(latency)
                 key = event.aggregate_id
                 if event.sequence < last_seq.get(key, -1):
                     tally.order_violations += 1
@@ -201,28 +202,33 @@ def _run(options: DemoOptions, settings: Settings, guard: Guard) -> int:
         next_at = time.monotonic()
         n = 0
         while not stop_producing.is_set():
-            with Session(engine) as session, session.begin():
-                order = DemoOrder(customer=f"customer-{n % 97}", amount=Decimal("19.90"))
-                session.add(order)
-                session.flush()
-                session.add(
-                    OutboxMessage(
-                        aggregate_type="Order",
-                        aggregate_id=order.id,
-                        event_type="OrderPlaced",
-                        payload={"order_id": order.id, "amount": "19.90"},
-                    )
-                )
-                session.add(
-                    OutboxMessage(
-                        aggregate_type="Order",
-                        aggregate_id=order.id,
-                        event_type="OrderConfirmed",
-                        payload={"order_id": order.id},
-                    )
-                )
+            with Session(engine) as session:
+                with session.begin():
+                    order = DemoOrder(customer=f"customer-{n % 97}", amount=Decimal("19.90"))
+                    session.add(order)
+                    session.flush()
+                    events = [
+                        OutboxMessage(
+                            aggregate_type="Order",
+                            aggregate_id=order.id,
+                            event_type="OrderPlaced",
+                            payload={"order_id": order.id, "amount": "19.90"},
+                        ),
+                        OutboxMessage(
+                            aggregate_type="Order",
+                            aggregate_id=order.id,
+                            event_type="OrderConfirmed",
+                            payload={"order_id": order.id},
+                        ),
+                    ]
+                    session.add_all(events)
+                    session.flush()  # the ids are drawn (uuid4 column default) at flush
+                    ids = [e.id for e in events]
+                committed = time.time()  # when the commit returned, as the benchmark stamps
             with tally.lock:
                 tally.written += 2
+                for event_id in ids:
+                    tally.latency.committed(event_id, committed)
             n += 1
             next_at += interval
             delay = next_at - time.monotonic()
@@ -243,14 +249,13 @@ def _run(options: DemoOptions, settings: Settings, guard: Guard) -> int:
         now = time.monotonic()
         with tally.lock:
             written, consumed = tally.written, tally.consumed
-            lat = sorted(tally.latencies[-2000:])
+            p50, p95, p99 = map(format_ms, tally.latency.percentiles_ms(50, 95, 99))
         rate = (consumed - previous[1]) / max(now - previous[0], 1e-6)
         previous = (now, consumed)
-        p50 = f"{lat[len(lat) // 2] * 1000:.0f}ms" if lat else "-"
-        p99 = f"{lat[int(len(lat) * 0.99)] * 1000:.0f}ms" if lat else "-"
         line = (
             f"t={now - started:5.1f}s written={written} consumed={consumed} "
-            f"pending={pending()} rate={rate:.0f}/s latency p50={p50} p99={p99} "
+            f"pending={pending()} rate={rate:.0f}/s "
+            f"commit->arrival p50={p50} p95={p95} p99={p99} "
             f"dup={group_consumer.outcomes['duplicate']} "
             f"order-violations={tally.order_violations}"
         )

@@ -38,6 +38,9 @@ TIMEOUT = 240.0  # a busy 2-core machine: startup ~10 s, 10 s of demo, drain and
 SUMMARY = re.compile(
     r"demo OK: (\d+) events written, (\d+) consumed, (\d+) duplicates, (\d+) order violations"
 )
+# The progress line's latency, the benchmark's measure (commit -> arrival at the consumer).
+MS = r"(-?\d+(?:\.\d+)?)ms"
+PROGRESS = re.compile(rf"consumed=\d+ .*commit->arrival p50={MS} p95={MS} p99={MS} ")
 
 
 @dataclass
@@ -165,7 +168,16 @@ def check_summary(run: Run) -> tuple[int, int]:
     assert consumed == written, run.output
     assert violations == 0, run.output
     assert "Traceback" not in run.output, run.output
+    check_latency(run)
     return written, consumed
+
+
+def check_latency(run: Run) -> None:
+    """The last progress line (printed after the drain) carries commit->arrival figures."""
+    lines = [found for line in run.lines if (found := PROGRESS.search(line))]
+    assert lines, run.output
+    p50, p95, p99 = map(float, lines[-1].groups())
+    assert 0 <= p50 <= p95 <= p99 < 60_000, run.output
 
 
 def test_demo_with_nothing_but_python_runs_embedded_services_and_leaves_nothing_behind(
