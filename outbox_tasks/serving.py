@@ -98,6 +98,7 @@ def serve(
     also: Sequence[tuple[int, int]] = (),
     share: int | None = None,
     carry: bool = False,
+    stopping: Callable[[], bool] = lambda: False,
     wall: Callable[[], float] = time.time,
 ) -> ServeReport:
     """Adopt the lease on ``partition`` (granted with ``epoch`` for this publish task), take the
@@ -108,10 +109,12 @@ def serve(
     within the last poll interval (``wall`` is the time now, in seconds since the epoch): a
     backlog loaded long ago is drained and handed back at once. ``also``: more (partition,
     epoch) leases to adopt (a continuation's). ``carry``: at the end of the budget, pass the
-    busy partitions on (``ServeReport.carried``) instead of handing them back. Raises what the
+    busy partitions on (``ServeReport.carried``) instead of handing them back. ``stopping``:
+    True once the worker shuts down; then the task hands everything back at its next wake-up
+    (within a poll interval) and passes nothing on. Raises what the
     relay raises (``DatabaseUnavailable``: unmarked rows stay pending, the leases expire)."""
     n = partition_count or relay.settings.partitions
-    server = _Server(relay, waiter, n, max(1, min(share or n, n)), wall, carry)
+    server = _Server(relay, waiter, n, max(1, min(share or n, n)), wall, carry, stopping)
     adopt = [(partition, epoch)] if partition is not None and epoch is not None else []
     adopt += [(p, e) for p, e in also]
     # One connection for the task's many small transactions.
@@ -128,6 +131,7 @@ class _Server:
     limit: int
     wall: Callable[[], float]
     carry: bool
+    stopping: Callable[[], bool]
     result: ServeReport = field(default_factory=ServeReport)
     held: dict[int, Holding] = field(default_factory=dict)
     notified: dict[int, float] = field(default_factory=dict)
@@ -154,7 +158,13 @@ class _Server:
                 if newest is not None and self.wall() - newest.timestamp() < idle:
                     # A stream, not a backlog: wait for its next rows.
                     self.notified[holding.lease.partition] = now()
-            while listening and waiter is not None and self.held and now() < budget_end:
+            while (
+                listening
+                and waiter is not None
+                and self.held
+                and now() < budget_end
+                and not self.stopping()
+            ):
                 for p in [p for p, h in self.held.items() if h.report.lease_lost]:
                     del self.held[p]  # someone else's lease now: nothing to hand back
                 if relay.circuit.is_open:
@@ -177,7 +187,7 @@ class _Server:
                     _hand_back(relay, self.held.pop(p), self.result)
             else:
                 spent = listening and now() >= budget_end
-            if spent and self.carry and not relay.circuit.is_open:
+            if spent and self.carry and not relay.circuit.is_open and not self.stopping():
                 for p, holding in list(self.held.items()):
                     busy = now() - self.notified.get(p, -idle) < idle or holding.report.more
                     if busy and not holding.report.lease_lost:

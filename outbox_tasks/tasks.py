@@ -28,7 +28,7 @@ from outbox_tasks.serving import QUEUED_LATE_SECONDS, REBALANCE_SECONDS, serve
 from outbox_tasks.status import collect_status, db_snapshot
 from outbox_tasks.store.records import Lease
 from outbox_tasks.wakeup import NotificationWaiter
-from outbox_tasks.worker import claim_and_dispatch, refuse_foreign, runtime
+from outbox_tasks.worker import claim_and_dispatch, refuse_foreign, runtime, shutting_down
 
 log = get_logger("tasks")
 
@@ -154,6 +154,7 @@ def _serve(
             also=also,
             share=runtime.share(),
             carry=carry,
+            stopping=shutting_down,
         )
     except DatabaseUnavailable as error:
         # Nothing is lost: unmarked rows stay pending; the leases expire; a later claim resends.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import multiprocessing
 import os
 import shutil
 import socket
@@ -27,6 +28,7 @@ from celery.signals import (
     worker_init,
     worker_process_shutdown,
     worker_shutdown,
+    worker_shutting_down,
 )
 from celery.worker import state as worker_state
 from celery.worker.control import control_command, inspect_command
@@ -78,6 +80,14 @@ class Claimer(Protocol):
     ) -> Lease | None: ...
 
     def hand_back(self, lease: Lease) -> bool: ...
+
+
+# Set when this worker starts shutting down; shared memory made before the pool forks.
+_SHUTTING_DOWN = multiprocessing.RawValue("b", 0)
+
+
+def shutting_down() -> bool:  # in any of this worker's processes
+    return bool(_SHUTTING_DOWN.value)
 
 
 class ProcessRuntime:
@@ -409,6 +419,11 @@ def _on_pool_process_exit(pid: int | None = None, **kwargs: Any) -> None:
             process_exited(os.getpid())
 
 
+@worker_shutting_down.connect
+def _on_worker_shutting_down(sender: Any = None, **kwargs: Any) -> None:
+    _SHUTTING_DOWN.value = 1
+
+
 @worker_shutdown.connect
 def _on_worker_shutdown(sender: Any = None, **kwargs: Any) -> None:
     MetricsServer.stop()
@@ -478,16 +493,14 @@ class WakeupStep(bootsteps.StartStopStep):  # type: ignore[misc]
             application_name="outbox_tasks.wakeup",
             idle_in_transaction_seconds=relay_idle_in_transaction(settings),
         )
-        claimer = StoreClaimer(
-            settings, self.engine, f"{socket.gethostname()}:{os.getpid()}:wakeup"
-        )
+        owner = f"{socket.gethostname()}:{os.getpid()}:wakeup"
+        claimer = StoreClaimer(settings, self.engine, owner)
         gauge = WakeupMetrics()
         gauge.listening(False)
 
         def on_partitions(partitions: set[int]) -> None:
-            # A publish task per free pool process at most: one queued behind busy processes
-            # would hold its partition while serving tasks (outbox_tasks.serving), which hear
-            # the same notification, can claim it in place at once.
+            # A publish task per free pool process at most: serving tasks (which hear the same
+            # notification) claim the rest in place, with no task queued behind them.
             free = free_pool_processes(worker)
             if free:
                 claim_and_dispatch(claimer, sorted(partitions), at_most=free)

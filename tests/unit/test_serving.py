@@ -351,3 +351,29 @@ def test_a_passed_on_lease_waits_for_its_task_until_it_is_late_then_any_claim_ta
     late = serve(w.relay("late"), w.waiter, 0, result.carried[0].epoch, wall=w.clock)
     assert late.as_dict()["published"] == 0, "the late task finds its lease gone"
     assert w.epoch(0) == taken.epoch
+
+
+def test_when_the_worker_shuts_down_a_serving_task_hands_everything_back_and_carries_nothing() -> (
+    None
+):
+    w = World()
+    w.add(0)()
+    for _ in range(11):
+        w.waiter.then(0.48, w.add(0), notification(0))
+    relay = w.relay()
+    lease = relay.claim(0)
+    assert lease is not None
+    shutdown_at = w.clock() + 1.0
+
+    result = serve(
+        relay,
+        w.waiter,
+        0,
+        lease.epoch,
+        carry=True,
+        stopping=lambda: w.clock() >= shutdown_at,
+        wall=w.clock,
+    )
+
+    assert result.carried == [] and not w.live(0)
+    assert w.clock() - shutdown_at < SETTINGS.poll_interval_seconds, "not the whole budget"
