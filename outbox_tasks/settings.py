@@ -95,8 +95,9 @@ class Settings:
     publish_task_seconds: float = _setting(
         None,
         _seconds(),
-        "How long one publish task drains its partition before handing over (fairness). "
-        "Default: 5, or half of OUTBOX_LEASE_SECONDS when that is under 10.",
+        "How long one publish task serves before its busy partitions pass on to its "
+        "continuation (a new task, leases kept; all are handed back after about a minute in a "
+        "row, for fairness). Default: 5, or half of OUTBOX_LEASE_SECONDS when that is under 10.",
     )
     max_retries: int = _setting(
         5, _int(0, 1000), "Message-specific failures before a message is dead-lettered."
