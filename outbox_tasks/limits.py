@@ -104,6 +104,8 @@ def check_headers(headers: object, *, reserved_prefix: str | None = "outbox-") -
     """
     if not isinstance(headers, dict):
         raise InvalidMessage(f"headers must be a dict, got {type(headers).__name__}")
+    if not headers:
+        return  # the common case, checked once per message on the relay's hot path
     for key in headers:
         if not isinstance(key, str) or not key:
             raise InvalidMessage(f"header names must be non-empty strings, got {key!r}")

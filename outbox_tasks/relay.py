@@ -370,9 +370,12 @@ class Relay:
         for failure in failures:
             self._observer.call("message_failed", sent.refused[str(failure.id)].error_type)
         published = set(sent.published)
-        ok_rows = [row for row in batch if str(row.id) in published]
+        keys = [str(row.id) for row in batch]  # once per row: uuid's str is not cheap
+        ok_rows = [row for row, key in zip(batch, keys, strict=True) if key in published]
         ok_ids = [row.id for row in ok_rows]
-        maybe_sent = [row.id for row in batch if str(row.id) in sent.maybe_sent]
+        maybe_sent = [
+            row.id for row, key in zip(batch, keys, strict=True) if key in sent.maybe_sent
+        ]
         with self._store.transaction("finish batch") as tx:
             finish = tx.finish_batch(
                 lease,

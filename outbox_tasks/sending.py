@@ -186,7 +186,9 @@ def failures(
 ) -> list[Failure]:
     """What to record for each refused row: park at once (``invalid_message``), back off
     without spending a retry (``broker_nack``), or spend one (everything else)."""
-    result = []
+    result: list[Failure] = []
+    if not sent.refused:
+        return result
     for row in rows:
         refusal = sent.refused.get(str(row.id))
         if refusal is None:

@@ -16,6 +16,7 @@ holder sees its effect, or the grant wins and the write matches no lease and cha
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
@@ -39,6 +40,7 @@ from outbox_tasks.store.leases import (
 from outbox_tasks.store.records import Lease, Row, SelectedBatch
 
 _ROW_WIDTH = len(fields(Row))
+_HEADERS = [f.name for f in fields(Row)].index("headers")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -125,7 +127,7 @@ _CANDIDATES_SQL = f"""
         GROUP BY aggregate_type, aggregate_id
     )
     SELECT o.id, o.aggregate_type, o.aggregate_id, o.event_type, o.payload::text AS payload_json,
-           o.headers, o.schema_version, o.seq, o.slot, o.created_at, o.retry_count,
+           o.headers::text AS headers, o.schema_version, o.seq, o.slot, o.created_at, o.retry_count,
            o.aggregate_sequence, {PREVIOUS_AGGREGATE_SEQUENCE} AS previous_aggregate_sequence
     FROM outbox o
     WHERE o.published_at IS NULL
@@ -181,8 +183,12 @@ def select_candidates(
 
 
 def _row(r: Any) -> Row:
-    """A Row from a selected row: its first columns are Row's fields, in order."""
-    return Row(*r[:_ROW_WIDTH])
+    """A Row from a selected row: its first columns are Row's fields, in order; the headers
+    come as JSON text, parsed here only when there are any (most rows have none)."""
+    values = list(r[:_ROW_WIDTH])
+    headers = values[_HEADERS]
+    values[_HEADERS] = {} if headers == "{}" else json.loads(headers)
+    return Row(*values)
 
 
 _PENDING_SEQS = text(
