@@ -502,7 +502,7 @@ class WakeupStep(bootsteps.StartStopStep):  # type: ignore[misc]
             # A publish task per free pool process at most: serving tasks (which hear the same
             # notification) claim the rest in place, with no task queued behind them.
             free = free_pool_processes(worker)
-            if free:
+            if free and not shutting_down():  # a stopping worker runs no more tasks
                 claim_and_dispatch(claimer, sorted(partitions), at_most=free)
 
         self.listener = WakeupListener.from_settings(
