@@ -1,5 +1,5 @@
 """``python -m bench <name> [options]``: all, throughput, latency, growth, baseline, cleanup,
-producer, consumer.
+producer, consumer, scaling, cpu.
 
 Each bench prints a markdown table to stdout (progress goes to stderr) and writes its JSON, with
 versions and settings, to ``bench/results/<name>.json`` (``--output`` to change it). Run from the
@@ -20,6 +20,7 @@ COMMANDS = {
     "cleanup": ("bench.cleanup", "cleanup of published rows vs concurrent insert latency"),
     "producer": ("bench.producer", "what the per-aggregate counter costs producers, and its size"),
     "consumer": ("bench.consumer", "ordered consumer group: 1 vs 2 processes, messages/event"),
+    "cpu": ("bench.cpu", "relay CPU per message in one process (no Celery), with --profile"),
     "scaling": ("bench.scaling", "idle cost per partition and process; throughput against both"),
 }
 

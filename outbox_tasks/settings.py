@@ -96,7 +96,7 @@ class Settings:
         None,
         _seconds(),
         "How long one publish task serves before its busy partitions pass on to its "
-        "continuation (a new task, leases kept; all are handed back after about a minute in a "
+        "continuation (a new task, leases kept; all are handed back after six budgets in a "
         "row, for fairness). Default: 5, or half of OUTBOX_LEASE_SECONDS when that is under 10.",
     )
     max_retries: int = _setting(

@@ -24,7 +24,7 @@ from outbox_tasks.control import broadcast_snapshot
 from outbox_tasks.db import translate_errors
 from outbox_tasks.errors import BrokerUnavailable, DatabaseUnavailable, describe_error
 from outbox_tasks.logs import event, get_logger
-from outbox_tasks.serving import QUEUED_LATE_SECONDS, REBALANCE_SECONDS, serve
+from outbox_tasks.serving import CARRY_ROUNDS, QUEUED_LATE_SECONDS, serve
 from outbox_tasks.status import collect_status, db_snapshot
 from outbox_tasks.store.records import Lease
 from outbox_tasks.wakeup import NotificationWaiter
@@ -141,8 +141,7 @@ def _serve(
     also: Sequence[tuple[int, int]] = (),
     rounds: int = 0,
 ) -> dict[str, Any]:
-    settings = runtime.settings
-    carry = (rounds + 1) * settings.publish_task_seconds < REBALANCE_SECONDS
+    carry = rounds + 1 < CARRY_ROUNDS
     try:
         served = serve(
             runtime.relay(),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import latency, suite, throughput
+from bench import cpu, latency, suite, throughput
 from outbox_tasks.settings import Settings
 from tests.support import services
 
@@ -139,3 +139,13 @@ def test_the_whole_bench_in_one_command_counts_every_event_of_every_part(
     table = capsys.readouterr().out
     for measure in ("latency at 50/s", "throughput, Redis", "relay CPU", "resident memory"):
         assert measure in table
+
+
+def test_the_cpu_bench_drains_every_event_in_process_and_reports_its_profile(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    output = tmp_path / "cpu.json"
+    assert cpu.main(["--events", "600", "--profile", "5", "--output", str(output)]) == 0
+    (run,) = json.loads(output.read_text())["runs"]
+    assert run["events"] == 600 and run["cpu_us_per_message"] > 0
+    assert "tottime" in capsys.readouterr().out
