@@ -295,20 +295,20 @@ class Relay:
         return report
 
     def pass_on(self, holding: Holding) -> Lease | None:
-        """Keep the held lease (same epoch, renewed) for a publish task the caller queues next
-        (a serving task's continuation: the partition is never free in between, and no claim
-        is needed). The lease is marked queued, so a serving task with room may take it at once
-        and a claim once the task is late. None when the lease was lost meanwhile."""
+        """Keep the held partition leased for a publish task the caller queues next (a serving
+        task's continuation: the partition is never free in between, and no claim is needed).
+        The lease gets a new epoch (the continuation's; any older copy of a task is stale) and
+        is marked queued, so a serving task with room may take it at once and a claim once the
+        task is late. None when the lease was lost meanwhile."""
         lease, report = holding.lease, holding.report
         if lease is None or report.lease_lost:
             return None
         holding.lease = None
         with self._store.transaction("pass on") as tx:
             kept = tx.queue_lease(lease, QUEUED_PREFIX + self.owner, self.settings.lease_seconds)
-        if not kept:
+        if kept is None:
             self._lost(lease, report)
-            return None
-        return lease
+        return kept
 
     def _one_batch(
         self,

@@ -100,6 +100,7 @@ def serve(
     also: Sequence[tuple[int, int]] = (),
     share: int | None = None,
     carry: bool = False,
+    continuing: bool = False,
     stopping: Callable[[], bool] = lambda: False,
     wall: Callable[[], float] = time.time,
 ) -> ServeReport:
@@ -111,12 +112,16 @@ def serve(
     within the last poll interval (``wall`` is the time now, in seconds since the epoch): a
     backlog loaded long ago is drained and handed back at once. ``also``: more (partition,
     epoch) leases to adopt (a continuation's). ``carry``: at the end of the budget, pass the
-    busy partitions on (``ServeReport.carried``) instead of handing them back. ``stopping``:
+    busy partitions on (``ServeReport.carried``) instead of handing them back. ``continuing``:
+    this task is a continuation; its adopted partitions count as busy from the start.
+    ``stopping``:
     True once the worker shuts down; then the task hands everything back at its next wake-up
     (within a poll interval) and passes nothing on. Raises what the
     relay raises (``DatabaseUnavailable``: unmarked rows stay pending, the leases expire)."""
     n = partition_count or relay.settings.partitions
-    server = _Server(relay, waiter, n, max(1, min(share or n, n)), wall, carry, stopping)
+    server = _Server(
+        relay, waiter, n, max(1, min(share or n, n)), wall, carry, continuing, stopping
+    )
     adopt = [(partition, epoch)] if partition is not None and epoch is not None else []
     adopt += [(p, e) for p, e in also]
     # One connection for the task's many small transactions.
@@ -133,6 +138,7 @@ class _Server:
     limit: int
     wall: Callable[[], float]
     carry: bool
+    continuing: bool
     stopping: Callable[[], bool]
     result: ServeReport = field(default_factory=ServeReport)
     held: dict[int, Holding] = field(default_factory=dict)
@@ -149,12 +155,16 @@ class _Server:
         spent = False  # the budget ran out with the loop healthy: busy partitions carry on
         try:
             holdings = [relay.adopt(p, e, n) for p, e in adopt]
+            adopted = len(holdings)
             holdings += [relay.hold(lease) for lease in granted]
-            for holding in holdings:
+            for i, holding in enumerate(holdings):
                 self.result.reports.append(holding.report)
                 if holding.lease is None:
                     continue
                 self.held[holding.lease.partition] = holding
+                if self.continuing and i < adopted:
+                    # Busy when passed on: its next rows may not have come during the hop.
+                    self.notified[holding.lease.partition] = now()
                 relay.drain(holding, until=budget_end)
                 newest = holding.report.newest_row_at
                 if newest is not None and self.wall() - newest.timestamp() < idle:
@@ -171,6 +181,9 @@ class _Server:
                     del self.held[p]  # someone else's lease now: nothing to hand back
                 if relay.circuit.is_open:
                     break
+                # A drain stopped by an outage: it must not wait here for the budget's end.
+                for p in [p for p, h in self.held.items() if h.report.circuit_open]:
+                    _hand_back(relay, self.held.pop(p), self.result)
                 # Wait while a held partition is busy; else only take what is there.
                 busy_until = max(
                     (self.notified[p] + idle for p in self.held if p in self.notified),
@@ -197,11 +210,13 @@ class _Server:
                         if (lease := relay.pass_on(holding)) is not None:
                             self.result.carried.append(lease)
         finally:
-            for holding in self.held.values():
-                _hand_back(relay, holding, self.result)
-            self.held.clear()
-            if listening and waiter is not None:
-                waiter.unlisten()
+            try:
+                for holding in self.held.values():
+                    _hand_back(relay, holding, self.result)
+                self.held.clear()
+            finally:
+                if listening and waiter is not None:
+                    waiter.unlisten()  # even when a hand-back failed: nobody reads it after us
 
     def _claim(self, partition: int) -> Holding | None:
         """Claim a notified partition nobody serves, if this task has room for it."""

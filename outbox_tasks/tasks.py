@@ -5,6 +5,7 @@ deployment sent (``deployment``) is dropped before anything is done."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -153,6 +154,7 @@ def _serve(
             also=also,
             share=runtime.share(),
             carry=carry,
+            continuing=rounds > 0,
             stopping=shutting_down,
         )
     except DatabaseUnavailable as error:
@@ -194,7 +196,9 @@ def _continue(leases: Sequence[Lease], partition_count: int, rounds: int) -> Non
         )
         relay = runtime.relay()
         for lease in leases:
-            relay.hand_back(lease)
+            # If not: the lease stays queued, and a claim takes it once the task is late.
+            with contextlib.suppress(DatabaseUnavailable):
+                relay.hand_back(lease)
 
 
 def _chain_claim(partition: int, partition_count: int) -> None:

@@ -58,7 +58,6 @@ from outbox_tasks.metrics import (
 )
 from outbox_tasks.publisher import BrokerPublisher
 from outbox_tasks.relay import Relay, claim_partition, hand_back
-from outbox_tasks.serving import QUEUED_LATE_SECONDS
 from outbox_tasks.settings import Settings
 from outbox_tasks.store.records import Lease
 from outbox_tasks.store.relay import PostgresRelayStore
@@ -209,8 +208,7 @@ def claim_and_dispatch(
     """Claim each partition (at most ``at_most`` granted); enqueue an ``outbox.publish`` task
     for every lease granted (it expires with the lease). The lease is marked queued until the
     task takes it over, so a serving task may take it if the queue holds it up
-    (``outbox_tasks.serving``); a lease whose task is ``QUEUED_LATE_SECONDS`` late is claimed
-    again here.
+    (``outbox_tasks.serving``).
 
     A lease whose task could not be enqueued (Celery's broker unreachable or timing out, or any
     other error of the send) is handed back at once, so the partition does not wait out
@@ -220,9 +218,7 @@ def claim_and_dispatch(
     for partition in partitions:
         if at_most is not None and len(dispatched.granted) >= at_most:
             break
-        lease = claimer.claim(
-            partition, partition_count, queued=True, take_queued_after=QUEUED_LATE_SECONDS
-        )
+        lease = claimer.claim(partition, partition_count, queued=True)
         if lease is None:
             continue
         try:
@@ -511,6 +507,7 @@ class WakeupStep(bootsteps.StartStopStep):  # type: ignore[misc]
         self.listener.start()
 
     def stop(self, worker: Any) -> None:
+        _SHUTTING_DOWN.value = 1  # any shutdown (also a remote one) runs this before the pool
         if self.listener is not None:
             self.listener.stop()
         if self.engine is not None:

@@ -144,6 +144,9 @@ _TAKE_OVER = text(
     SET owner = :owner, leased_until = clock_timestamp() + make_interval(secs => :lease_seconds)
     WHERE partition_count = :n AND partition = :p AND epoch = :epoch
       AND leased_until > clock_timestamp()
+      -- Granted for a queued task, or already this owner's: a second copy of a publish task
+      -- (a redelivery, a re-sent message) cannot adopt a lease its first copy took over.
+      AND (starts_with(owner, :queued_prefix) OR owner = :owner)
     RETURNING slot_lo, slot_hi, epoch, redeliver_ids, cursor_slot
     """
 )
@@ -158,7 +161,8 @@ def take_over_lease(
     owner: str,
     lease_seconds: float,
 ) -> Lease | None:
-    """The publish task adopts the lease its claim granted (fenced by epoch) and renews it."""
+    """The publish task adopts the lease its claim granted (fenced by epoch; queued for it, or
+    its own) and renews it."""
     row = conn.execute(
         _TAKE_OVER,
         {
@@ -167,6 +171,7 @@ def take_over_lease(
             "epoch": epoch,
             "owner": owner,
             "lease_seconds": lease_seconds,
+            "queued_prefix": QUEUED_PREFIX,
         },
     ).one_or_none()
     return None if row is None else lease_from_row(row, partition_count, partition, owner)
@@ -185,18 +190,21 @@ def release_lease(conn: Connection, lease: Lease) -> bool:
     return bool(result.rowcount)
 
 
-def queue_lease(conn: Connection, lease: Lease, owner: str, lease_seconds: float) -> bool:
-    """Keep the lease, same epoch, for a publish task about to be queued (a serving task's
-    continuation, ``outbox_tasks.serving``): renewed for ``lease_seconds`` seconds, owner
-    ``owner`` (``QUEUED_PREFIX``...), granted now, so a serving task with room may take it at
-    once and a claim once the task is late (``grant_lease``'s ``take_queued_after``). False when
-    the lease is stale or expired (nothing changed)."""
-    result = conn.execute(
+def queue_lease(conn: Connection, lease: Lease, owner: str, lease_seconds: float) -> Lease | None:
+    """Keep the partition leased for a publish task about to be queued (a serving task's
+    continuation, ``outbox_tasks.serving``): a new epoch (so any older task or copy is stale),
+    renewed for ``lease_seconds`` seconds, owner ``owner`` (``QUEUED_PREFIX``...), granted now,
+    so a serving task with room may take it at once and a claim once the task is late
+    (``grant_lease``'s ``take_queued_after``). None when the lease is stale or expired (nothing
+    changed)."""
+    row = conn.execute(
         text(
-            "UPDATE outbox_partition SET owner = :owner, granted_at = clock_timestamp(), "
+            "UPDATE outbox_partition SET epoch = epoch + 1, owner = :owner, "
+            "granted_at = clock_timestamp(), "
             "leased_until = clock_timestamp() + make_interval(secs => :lease_seconds) "
             "WHERE partition_count = :n AND partition = :p AND epoch = :epoch "
-            "AND leased_until > clock_timestamp()"
+            "AND leased_until > clock_timestamp() "
+            "RETURNING slot_lo, slot_hi, epoch, redeliver_ids, cursor_slot"
         ),
         {
             "n": lease.partition_count,
@@ -205,5 +213,7 @@ def queue_lease(conn: Connection, lease: Lease, owner: str, lease_seconds: float
             "owner": owner,
             "lease_seconds": lease_seconds,
         },
+    ).one_or_none()
+    return (
+        None if row is None else lease_from_row(row, lease.partition_count, lease.partition, owner)
     )
-    return bool(result.rowcount)

@@ -242,19 +242,26 @@ class InMemoryRelayTransaction:
         record = self._held(partition_count, partition, epoch)
         if record is None:
             return None
+        if not (record.owner or "").startswith(QUEUED_PREFIX) and record.owner != owner:
+            return None  # another task took it over already
         renewed = replace(record, owner=owner, leased_until=self._now + lease_seconds)
         self._put_lease(renewed)
         return renewed.as_lease()
 
-    def queue_lease(self, lease: Lease, owner: str, lease_seconds: float) -> bool:
+    def queue_lease(self, lease: Lease, owner: str, lease_seconds: float) -> Lease | None:
         record = self._held(lease.partition_count, lease.partition, lease.epoch)
         if record is None:
-            return False
+            return None
         now = self._now
-        self._put_lease(
-            replace(record, owner=owner, granted_at=now, leased_until=now + lease_seconds)
+        kept = replace(
+            record,
+            epoch=record.epoch + 1,
+            owner=owner,
+            granted_at=now,
+            leased_until=now + lease_seconds,
         )
-        return True
+        self._put_lease(kept)
+        return kept.as_lease()
 
     def release_lease(self, lease: Lease) -> bool:
         record = self._held(lease.partition_count, lease.partition, lease.epoch)

@@ -280,11 +280,23 @@ def test_a_serving_task_with_room_takes_a_lease_whose_queued_task_has_not_starte
     relay = w.relay()
     lease = relay.claim(0)
     assert lease is not None
+    taken_at: list[float] = []
+    claim = relay.claim
+
+    def spy(partition: int, partition_count: int | None = None, **options: Any) -> object:
+        got = claim(partition, partition_count, **options)
+        if got is not None:
+            taken_at.append(w.clock())
+        return got
+
+    relay.claim = spy  # type: ignore[method-assign]
+    start = w.clock()
 
     result = serve(relay, w.waiter, 0, lease.epoch, wall=w.clock)
 
     assert 1 in result.as_dict()["partitions"]  # type: ignore[operator]
     assert sum(1 for r in w.store.rows() if r.pending) == 0
+    assert taken_at == [start + 0.2], "at the first notification, not after a grace"
 
 
 def test_at_the_end_of_the_budget_busy_partitions_pass_on_to_a_continuation_still_leased() -> None:
@@ -377,3 +389,33 @@ def test_when_the_worker_shuts_down_a_serving_task_hands_everything_back_and_car
 
     assert result.carried == [] and not w.live(0)
     assert w.clock() - shutdown_at < SETTINGS.poll_interval_seconds, "not the whole budget"
+
+
+def test_a_continuation_keeps_a_passed_on_partition_although_no_row_came_during_the_hop() -> None:
+    w = World()
+    w.add(0)()
+    for _ in range(11):
+        w.waiter.then(0.48, w.add(0), notification(0))
+    relay = w.relay()
+    lease = relay.claim(0)
+    assert lease is not None
+    first = serve(relay, w.waiter, 0, lease.epoch, carry=True, wall=w.clock)
+    (carried,) = first.carried
+    w.waiter.steps.clear()
+    w.waiter.then(0.3, w.add(0), notification(0))  # the stream goes on after the hop
+    served_at: list[float] = []
+    nxt = w.relay("next")
+    drain = nxt.drain
+
+    def spy(holding: Any, *, until: float) -> int:
+        published = drain(holding, until=until)
+        if published:
+            served_at.append(w.clock())
+        return published
+
+    nxt.drain = spy  # type: ignore[method-assign]
+    start = w.clock()
+
+    serve(nxt, w.waiter, 0, carried.epoch, continuing=True, wall=w.clock)
+
+    assert served_at == [start + 0.3], "still held when the next row came"
