@@ -95,9 +95,10 @@ class Settings:
     publish_task_seconds: float = _setting(
         None,
         _seconds(),
-        "How long one publish task serves before its busy partitions pass on to its "
-        "continuation (a new task, leases kept; all are handed back after six budgets in a "
-        "row, for fairness). Default: 5, or half of OUTBOX_LEASE_SECONDS when that is under 10.",
+        "How long one publish task drains (wake-up off) or serves (wake-up on) before handing "
+        "over; with wake-up on its busy partitions pass on to a continuation task, leases kept, "
+        "and a chain of six ends with every lease handed back (fairness). "
+        "Default: 5, or half of OUTBOX_LEASE_SECONDS when that is under 10.",
     )
     max_retries: int = _setting(
         5, _int(0, 1000), "Message-specific failures before a message is dead-lettered."
