@@ -190,6 +190,11 @@ class Relay:
             take_queued_after=take_queued_after,
         )
 
+    def held_partitions(self, partition_count: int | None = None) -> set[int]:
+        """Partitions whose lease is live and taken over: a claim of them would be refused."""
+        with self._store.transaction("held partitions") as tx:
+            return tx.held_partitions(partition_count or self.settings.partitions)
+
     def hand_back(self, lease: Lease) -> bool:
         """Release an unused lease at once (see :func:`hand_back`)."""
         return hand_back(self._store, lease)

@@ -112,7 +112,10 @@ def _claim_and_serve(
     mine: list[Lease] = []
     try:
         with relay.store.session():
-            rest = list(wanted)
+            # While every partition is served (the common case with the wake-up path on), a
+            # tick costs one statement instead of a claim transaction per partition.
+            held = relay.held_partitions(partition_count)
+            rest = [p for p in wanted if p not in held]
             while rest and len(mine) < share:
                 lease = relay.claim(
                     rest.pop(0), partition_count, take_queued_after=QUEUED_LATE_SECONDS

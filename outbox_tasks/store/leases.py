@@ -217,3 +217,18 @@ def queue_lease(conn: Connection, lease: Lease, owner: str, lease_seconds: float
     return (
         None if row is None else lease_from_row(row, lease.partition_count, lease.partition, owner)
     )
+
+
+def held_partitions(conn: Connection, partition_count: int) -> set[int]:
+    """The partitions of ``partition_count`` whose lease is live and taken over (not queued for
+    a task): a claim for them would be refused, so a claim of many partitions skips them with
+    this one statement instead of a transaction each."""
+    rows = conn.execute(
+        text(
+            "SELECT partition FROM outbox_partition WHERE partition_count = :n "
+            "AND leased_until > clock_timestamp() "
+            "AND NOT starts_with(coalesce(owner, ''), :queued_prefix)"
+        ),
+        {"n": partition_count, "queued_prefix": QUEUED_PREFIX},
+    )
+    return {row.partition for row in rows}

@@ -31,6 +31,7 @@ from outbox_tasks.store.finish import finish_batch
 from outbox_tasks.store.leases import (
     ensure_partition_row,
     grant_lease,
+    held_partitions,
     lock_lease_table,
     lock_overlapping_leases,
     queue_lease,
@@ -355,6 +356,7 @@ class PostgresRelayTransaction:
     take_over_lease = _bound(take_over_lease)
     release_lease = _bound(release_lease)
     queue_lease = _bound(queue_lease)
+    held_partitions = _bound(held_partitions)
     mark_inflight = _bound(mark_inflight)
     select_candidates = _bound(select_candidates)
     pending_seqs = _bound(pending_seqs)

@@ -263,6 +263,16 @@ class InMemoryRelayTransaction:
         self._put_lease(kept)
         return kept.as_lease()
 
+    def held_partitions(self, partition_count: int) -> set[int]:
+        now = self._now
+        return {
+            r.partition
+            for r in self._leases.values()
+            if r.partition_count == partition_count
+            and r.live(now)
+            and not (r.owner or "").startswith(QUEUED_PREFIX)
+        }
+
     def release_lease(self, lease: Lease) -> bool:
         record = self._held(lease.partition_count, lease.partition, lease.epoch)
         if record is None:

@@ -363,3 +363,20 @@ def _granted(relay: Relay) -> tuple[int, int]:
     lease = relay.claim(0)
     assert lease is not None
     return lease.partition, lease.epoch
+
+
+def test_held_partitions_are_those_with_a_live_lease_taken_over_not_queued_ones(
+    backend: Backend,
+) -> None:
+    settings = backend.settings.with_changes(partitions=1)
+    backend.add(("Order", "1"))
+    relay = backend.relay(settings, owner="holder")
+    assert relay.held_partitions() == set()
+    queued = relay.claim(0, queued=True)
+    assert queued is not None
+    assert relay.held_partitions() == set(), "queued for a task: a serving task may take it"
+    holding = relay.adopt(0, queued.epoch)
+    assert relay.held_partitions() == {0}
+    holding.report.more = False
+    relay.release(holding)
+    assert relay.held_partitions() == set()
