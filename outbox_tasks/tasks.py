@@ -86,15 +86,7 @@ def publish(
     try:
         report = runtime.relay().publish(partition, epoch, partition_count)
     except DatabaseUnavailable as error:
-        # Nothing is lost: unmarked rows stay pending; the lease expires; a later claim resends.
-        event(
-            log,
-            logging.WARNING,
-            "database_unavailable",
-            "publish stopped",
-            error=str(error),
-            partition=partition,
-        )
+        _publish_stopped(error, partition)
         return {"partition": partition, "epoch": epoch, "error": "database_unavailable"}
     if report.more and not report.circuit_open and not report.lease_lost:
         _chain_claim(partition, partition_count)
@@ -161,21 +153,25 @@ def _serve(
             stopping=shutting_down,
         )
     except DatabaseUnavailable as error:
-        # Nothing is lost: unmarked rows stay pending; the leases expire; a later claim resends.
-        event(
-            log,
-            logging.WARNING,
-            "database_unavailable",
-            "publish stopped",
-            error=str(error),
-            partition=partition,
-        )
+        _publish_stopped(error, partition)
         return {"error": "database_unavailable"}
     for busy in served.more:
         _chain_claim(busy, partition_count)
     if served.carried:
         _continue(served.carried, partition_count, rounds + 1)
     return served.as_dict()
+
+
+def _publish_stopped(error: DatabaseUnavailable, partition: int | None) -> None:
+    # Nothing is lost: unmarked rows stay pending; the leases expire; a later claim resends.
+    event(
+        log,
+        logging.WARNING,
+        "database_unavailable",
+        "publish stopped",
+        error=str(error),
+        partition=partition,
+    )
 
 
 def _continue(leases: Sequence[Lease], partition_count: int, rounds: int) -> None:
