@@ -70,12 +70,7 @@ class Claimer(Protocol):
     """Claims partitions and hands back a lease it could not dispatch (a Relay is one)."""
 
     def claim(
-        self,
-        partition: int,
-        partition_count: int | None = None,
-        *,
-        queued: bool = False,
-        take_queued_after: float | None = None,
+        self, partition: int, partition_count: int | None = None, *, queued: bool = False
     ) -> Lease | None: ...
 
     def hand_back(self, lease: Lease) -> bool: ...
@@ -439,12 +434,7 @@ class StoreClaimer:
         self.owner = owner
 
     def claim(
-        self,
-        partition: int,
-        partition_count: int | None = None,
-        *,
-        queued: bool = False,
-        take_queued_after: float | None = None,
+        self, partition: int, partition_count: int | None = None, *, queued: bool = False
     ) -> Lease | None:
         return claim_partition(
             self.store,
@@ -453,7 +443,6 @@ class StoreClaimer:
             partition=partition,
             partition_count=partition_count,
             queued=queued,
-            take_queued_after=take_queued_after,
         )
 
     def hand_back(self, lease: Lease) -> bool:
